@@ -1,0 +1,302 @@
+"""Host input pipelines (grain): augmented pre-training batches and evaluation batches.
+
+Records come from a random-access source (`tfds.data_source`, or any sequence of dicts
+holding 'image': uint8 [H, W, C] with C = 1 or 3, and 'label' for evaluation). Images
+leave the host as uint8 [b, H, W, C]; conversion to float happens on the device.
+
+Randomness: every example's augmentation and mask come from a generator that grain
+derives from (pipeline seed, position of the example in the global stream). Batches
+therefore depend only on the seed and the global batch size, neither on the number
+of prefetch workers nor on where the pipeline was resumed.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image
+
+MaskFn = Callable[[np.random.Generator], dict[str, np.ndarray]]
+
+# Bicubic as in BEiT's pre-training crop.
+_RESAMPLE = Image.Resampling.BICUBIC
+_CROP_ATTEMPTS = 10
+DEFAULT_CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def _check_image(image: np.ndarray) -> np.ndarray:
+  image = np.asarray(image)
+  if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3):
+    raise ValueError(f"image must be uint8 [H, W, C] with C in (1, 3), got "
+                     f"{image.dtype} {image.shape}.")
+  return image
+
+
+def _resize(image: np.ndarray, image_size: int,
+            box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+  """Crops `box` (left, upper, right, lower) of `image` and resizes it (uint8)."""
+  height, width, channels = image.shape
+  if box in (None, (0, 0, width, height)) and (height, width) == (image_size,) * 2:
+    return image
+  pil = Image.fromarray(image[..., 0] if channels == 1 else image)
+  out = np.asarray(pil.resize((image_size, image_size), _RESAMPLE, box=box))
+  return out[..., None] if channels == 1 else out
+
+
+def sample_crop_box(height: int, width: int, rng: np.random.Generator,
+                    scale: tuple[float, float],
+                    ratio: tuple[float, float] = DEFAULT_CROP_RATIO
+                   ) -> tuple[int, int, int, int]:
+  """Samples a random resized crop with torchvision's rule.
+
+  Up to 10 tries draw an area fraction ~ U(scale) and an aspect ratio (w / h)
+  log-uniform in `ratio`, keeping the first box that fits, at a uniform position;
+  otherwise the largest centred box whose aspect ratio is clipped to `ratio`.
+
+  Args:
+    height, width: image size in pixels.
+    rng: generator of the draws.
+    scale: (min, max) fraction of the image area.
+    ratio: (min, max) aspect ratio width / height.
+
+  Returns:
+    (top, left, h, w) in pixels, 0 < h <= height, 0 < w <= width.
+  """
+  area = height * width
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(_CROP_ATTEMPTS):
+    target_area = area * rng.uniform(scale[0], scale[1])
+    aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+    w = round(math.sqrt(target_area * aspect))
+    h = round(math.sqrt(target_area / aspect))
+    if 0 < w <= width and 0 < h <= height:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      return top, left, h, w
+  in_ratio = width / height
+  if in_ratio < ratio[0]:
+    w, h = width, round(width / ratio[0])
+  elif in_ratio > ratio[1]:
+    w, h = round(height * ratio[1]), height
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def augment(image: np.ndarray, rng: np.random.Generator, *, image_size: int,
+            crop_scale: tuple[float, float],
+            crop_ratio: tuple[float, float] = DEFAULT_CROP_RATIO) -> np.ndarray:
+  """Random resized crop to image_size x image_size, then a random horizontal flip.
+
+  Args:
+    image: uint8 [H, W, C], C in (1, 3).
+    rng: generator of the crop and flip draws.
+    image_size: output side in pixels.
+    crop_scale: (min, max) area fraction of the crop.
+    crop_ratio: (min, max) aspect ratio width / height of the crop.
+
+  Returns:
+    uint8 [image_size, image_size, C].
+  """
+  image = _check_image(image)
+  top, left, h, w = sample_crop_box(image.shape[0], image.shape[1], rng,
+                                    crop_scale, crop_ratio)
+  out = _resize(image, image_size, box=(left, top, left + w, top + h))
+  if rng.random() < 0.5:
+    out = out[:, ::-1]
+  return np.ascontiguousarray(out)
+
+
+def _record_image(record: Mapping[str, Any]) -> np.ndarray:
+  if "image" not in record:
+    raise ValueError(f"records must hold an 'image'; this one holds {sorted(record)}.")
+  return _check_image(record["image"])
+
+
+def _masks(mask_fn: MaskFn, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  masks = mask_fn(rng)
+  if not isinstance(masks, Mapping) or {"image", "label", "valid"} & set(masks):
+    raise ValueError("mask_fn must return a dict of arrays whose keys are not "
+                     f"'image', 'label' or 'valid', got {masks!r}.")
+  return dict(masks)
+
+
+def _pretrain_example(record: Mapping[str, Any], rng: np.random.Generator, *,
+                      image_size: int, crop_scale: tuple[float, float],
+                      crop_ratio: tuple[float, float],
+                      mask_fn: MaskFn | None) -> dict[str, np.ndarray]:
+  # The mask generator is split off first, so masks do not depend on how many
+  # draws the augmentation makes.
+  mask_rng = np.random.default_rng(rng.integers(2**63, size=2))
+  example = {"image": augment(_record_image(record), rng, image_size=image_size,
+                              crop_scale=crop_scale, crop_ratio=crop_ratio)}
+  if mask_fn is not None:
+    example.update(_masks(mask_fn, mask_rng))
+  return example
+
+
+def _check_common(source: Sequence[Any], batch_size: int, image_size: int,
+                  process_index: int, process_count: int, seed: int) -> None:
+  if len(source) == 0:
+    raise ValueError("source must hold at least one record, got an empty source.")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+  if image_size < 1:
+    raise ValueError(f"image_size must be >= 1, got {image_size}.")
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"process_index must be in [0, process_count) with "
+                     f"process_count >= 1, got process_index={process_index}, "
+                     f"process_count={process_count}.")
+  if not 0 <= seed < 2**32:
+    raise ValueError(f"seed must be in [0, 2**32), got {seed}.")
+
+
+def pretrain_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int,
+                     image_size: int,
+                     crop_scale: tuple[float, float] = (0.08, 1.0),
+                     crop_ratio: tuple[float, float] = DEFAULT_CROP_RATIO,
+                     mask_fn: MaskFn | None, seed: int, process_index: int = 0,
+                     process_count: int = 1, num_workers: int = 0,
+                     prefetch_buffer: int = 2) -> grain.IterDataset:
+  """Infinite stream of augmented, masked pre-training batches for one process.
+
+  The global stream is the source reshuffled every epoch, epoch after epoch;
+  process p takes its elements p, p + P, p + 2P, ... (P = process_count), so the
+  P per-process batches of one step together cover consecutive elements of the
+  global stream: within an epoch the processes see disjoint examples, and the
+  global batches do not depend on P (up to their order). Each element is randomly
+  resized-cropped and flipped, and `mask_fn` draws its mask from a generator of
+  its own.
+
+  Args:
+    source: random-access records holding 'image': uint8 [H, W, C], C in (1, 3).
+    batch_size: examples per batch of this process.
+    image_size: side of the output images in pixels.
+    crop_scale: (min, max) area fraction of the random resized crop.
+    crop_ratio: (min, max) aspect ratio width / height of the crop.
+    mask_fn: maps a generator to a dict of mask arrays of fixed shapes (one
+      example), or None for images only.
+    seed: pipeline seed in [0, 2**32); shuffling, augmentation and masks follow
+      from it.
+    process_index, process_count: this process and the number of processes.
+    num_workers: prefetching worker processes; 0 computes in this process. Worker
+      processes read grain's absl flags: parse them first (absl.app.run does).
+    prefetch_buffer: batches prepared ahead (and threads preparing them) in this
+      process or in each worker.
+
+  Returns:
+    grain IterDataset of dicts: 'image' uint8 [batch_size, image_size, image_size,
+    C] and each mask array with a leading batch axis (other record fields, such
+    as 'label', are dropped). Its iterator's `get_state()` / `set_state()` save
+    and restore the position in the stream.
+  """
+  _check_common(source, batch_size, image_size, process_index, process_count, seed)
+  if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+    raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {crop_scale}.")
+  if not 0 < crop_ratio[0] <= crop_ratio[1]:
+    raise ValueError(f"crop_ratio must satisfy 0 < min <= max, got {crop_ratio}.")
+  if num_workers < 0:
+    raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
+  if prefetch_buffer < 1:
+    raise ValueError(f"prefetch_buffer must be >= 1, got {prefetch_buffer}.")
+
+  example_fn = functools.partial(
+      _pretrain_example, image_size=image_size, crop_scale=tuple(crop_scale),
+      crop_ratio=tuple(crop_ratio), mask_fn=mask_fn)
+  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+  # Random draws before sharding: an element's generator follows from its
+  # position in the global stream, not from the process that reads it.
+  ds = ds.random_map(example_fn)
+  ds = ds[process_index::process_count]
+  # Batching before the worker split keeps every batch identical for any number
+  # of workers: worker w computes whole batches w, w + W, ...
+  ds = ds.batch(batch_size, drop_remainder=True)
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=prefetch_buffer, prefetch_buffer_size=prefetch_buffer))
+  if num_workers > 0:
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=num_workers, per_worker_buffer_size=prefetch_buffer))
+  return it_ds
+
+
+def _eval_example(index: int, *, source: Sequence[Mapping[str, Any]],
+                  num_examples: int, process_index: int, process_count: int,
+                  image_size: int, channels: int, with_labels: bool,
+                  mask_fn: MaskFn | None, seed: int) -> dict[str, np.ndarray]:
+  global_index = process_index + index * process_count
+  valid = global_index < num_examples
+  if valid:
+    record = source[global_index]
+    image = _resize(_record_image(record), image_size)
+  else:
+    record = None
+    image = np.zeros((image_size, image_size, channels), np.uint8)
+  example = {"image": image, "valid": np.bool_(valid)}
+  if with_labels:
+    example["label"] = np.int32(record["label"] if valid else 0)
+  if mask_fn is not None:
+    # Seeded by the example's index alone: the same masks on every pass, for any
+    # batch size or number of processes.
+    example.update(_masks(mask_fn, np.random.default_rng((seed, global_index))))
+  return example
+
+
+def eval_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int,
+                 image_size: int, process_index: int = 0, process_count: int = 1,
+                 mask_fn: MaskFn | None = None, seed: int = 0,
+                 num_examples: int | None = None,
+                 with_labels: bool = True) -> grain.IterDataset:
+  """Finite, deterministic evaluation batches for one process, padded to batch_size.
+
+  Process p reads examples p, p + P, ... of the first `num_examples` records, each
+  resized to image_size x image_size (no augmentation). Every process yields the
+  same number of batches, ceil(ceil(num_examples / P) / batch_size); padding
+  examples (zero images, label 0) have valid=False. Iterating again gives the same
+  batches.
+
+  Args:
+    source: random-access records holding 'image': uint8 [H, W, C] (C in (1, 3))
+      and, when with_labels, 'label'.
+    batch_size: examples per batch of this process.
+    image_size: side of the output images in pixels.
+    process_index, process_count: this process and the number of processes.
+    mask_fn: maps a generator to a dict of mask arrays; its generator is seeded by
+      (seed, example index). None for no masks.
+    seed: seed of the masks.
+    num_examples: use only the first num_examples records (default: all).
+    with_labels: whether batches carry 'label'.
+
+  Returns:
+    grain IterDataset of dicts: 'image' uint8 [batch_size, image_size, image_size,
+    C], 'valid' bool [batch_size], 'label' int32 [batch_size] when with_labels,
+    and each mask array with a leading batch axis.
+
+  Raises:
+    ValueError: bad arguments, or with_labels and records without 'label'.
+  """
+  _check_common(source, batch_size, image_size, process_index, process_count, seed)
+  if num_examples is None:
+    num_examples = len(source)
+  elif not 1 <= num_examples <= len(source):
+    raise ValueError(f"num_examples must be in [1, {len(source)}] (the source's "
+                     f"size) or None, got {num_examples}.")
+  first = source[0]
+  if with_labels and "label" not in first:
+    raise ValueError(f"with_labels=True needs records holding 'label'; they hold "
+                     f"{sorted(first)}. Pass with_labels=False for unlabelled data.")
+  channels = _record_image(first).shape[-1]
+  per_process = -(-num_examples // process_count)
+  num_batches = -(-per_process // batch_size)
+  example_fn = functools.partial(
+      _eval_example, source=source, num_examples=num_examples,
+      process_index=process_index, process_count=process_count,
+      image_size=image_size, channels=channels, with_labels=with_labels,
+      mask_fn=mask_fn, seed=seed)
+  ds = grain.MapDataset.range(num_batches * batch_size).map(example_fn)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))

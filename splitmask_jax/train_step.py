@@ -1,0 +1,88 @@
+"""The train state, its sharded initialisation, and the jitted train and eval steps."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from splitmask_jax import sharding
+
+# `(params, batch, codebook, rng, train=...) -> (loss, metrics)`, see objectives.py.
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and a checkpoint must hold.
+
+  The codebook is not trained; it lives here so that a resumed or evaluated
+  run tokenizes with exactly the codebook the run was trained with.
+  """
+  step: jax.Array  # int32 []
+  params: Any
+  opt_state: Any
+  codebook: jax.Array  # float32 [V, d]
+
+
+def init_train_state(model, optimizer: optax.GradientTransformation, codebook: jax.Array,
+                     example_inputs: tuple, rng: jax.Array, mesh: Mesh) -> TrainState:
+  """Initialises the state directly into its (replicated) sharding.
+
+  Args:
+    example_inputs: positional model inputs with a batch of one, used for shapes only.
+    rng: the parameter-init key.
+  """
+  def init(rng, codebook):
+    params = model.init({"params": rng, "dropout": rng}, *example_inputs, train=False)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params), codebook=codebook)
+
+  abstract = jax.eval_shape(init, rng, codebook)
+  out_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+  return jax.jit(init, out_shardings=out_shardings)(rng, codebook)
+
+
+def state_shardings(state: TrainState, mesh: Mesh):
+  return jax.tree.map(lambda _: sharding.replicated(mesh), state)
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, seed: int, mesh: Mesh, state: TrainState):
+  """Returns the jitted `(state, batch) -> (state, metrics)`.
+
+  The dropout / drop-path key of step s is `fold_in(key(seed), s)`, so a
+  resumed run draws the same randomness as an unbroken one. The state buffer is
+  donated: the update happens in place.
+  """
+  base_rng = jax.random.PRNGKey(seed)
+
+  def step(state: TrainState, batch):
+    rng = jax.random.fold_in(base_rng, state.step)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (_, metrics), grads = grad_fn(state.params, batch, state.codebook, rng, train=True)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  shardings = state_shardings(state, mesh)
+  return jax.jit(step, in_shardings=(shardings, sharding.batch_sharded(mesh)),
+                 out_shardings=(shardings, sharding.replicated(mesh)),
+                 donate_argnums=0)
+
+
+def make_eval_step(loss_fn: LossFn, mesh: Mesh, state: TrainState):
+  """Returns the jitted `(state, batch) -> metrics` (no dropout, no update)."""
+  def step(state: TrainState, batch):
+    _, metrics = loss_fn(state.params, batch, state.codebook, jax.random.PRNGKey(0),
+                         train=False)
+    return metrics
+
+  return jax.jit(step, in_shardings=(state_shardings(state, mesh),
+                                     sharding.batch_sharded(mesh)),
+                 out_shardings=sharding.replicated(mesh))

@@ -1,0 +1,184 @@
+"""The training loop: end to end through the CLI, resume, and sharded == single device."""
+
+import gzip
+import importlib.util
+import os
+import pathlib
+import struct
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from splitmask_jax import checkpointing
+from splitmask_jax import config_base
+from splitmask_jax import masking
+from splitmask_jax import metric_log
+from splitmask_jax import objectives
+from splitmask_jax import optim
+from splitmask_jax import sharding
+from splitmask_jax import tokenizers
+from splitmask_jax import train
+from splitmask_jax import train_step as train_step_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG_FILE = ROOT / "configs" / "fashion_mnist.py"
+
+
+def load_config(arg=None):
+  spec = importlib.util.spec_from_file_location("fashion_mnist_config", CONFIG_FILE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def _write_idx(path, array):
+  header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(
+      f">{array.ndim}I", *array.shape)
+  with gzip.open(path, "wb") as f:
+    f.write(header + array.astype(np.uint8).tobytes())
+
+
+def _class_images(rng, labels):
+  """28x28 images whose class decides a bright horizontal band's position."""
+  images = rng.integers(0, 60, size=(len(labels), 28, 28), dtype=np.uint8)
+  for image, label in zip(images, labels):
+    image[2 + 2 * label: 6 + 2 * label, 4:24] = 230
+  return images
+
+
+@pytest.fixture(scope="module")
+def fake_fashion_mnist(tmp_path_factory):
+  """Four Fashion-MNIST-format IDX files (160 train, 80 test images) in a folder."""
+  folder = tmp_path_factory.mktemp("idx")
+  rng = np.random.default_rng(0)
+  for prefix, count in (("train", 160), ("t10k", 80)):
+    labels = np.arange(count) % 10
+    _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", _class_images(rng, labels))
+    _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+  return folder
+
+
+def _test_config(fake_dir, data_dir, **overrides):
+  config = load_config("test")
+  config.data.manual_dir = str(fake_dir)
+  config.data.data_dir = str(data_dir)
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+def test_cli_end_to_end(fake_fashion_mnist, tmp_path):
+  """`python -m splitmask_jax.main` prepares the data, trains, evaluates, writes."""
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "-m", "splitmask_jax.main", f"--config={CONFIG_FILE}:test",
+         f"--workdir={workdir}", f"--config.data.manual_dir={fake_fashion_mnist}",
+         f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.num_steps=6"]
+  result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-4000:]
+
+  records = metric_log.read_metrics(str(workdir))
+  train_records = [r for r in records if "inpaint_loss" in r]
+  assert [r["step"] for r in train_records] == [2, 4, 6]
+  for r in train_records:
+    assert np.isfinite([r["loss"], r["inpaint_loss"], r["match_loss"]]).all()
+    assert r["loss"] == pytest.approx(r["inpaint_loss"] + r["match_loss"], rel=1e-5)
+  assert any("val_loss" in r for r in records)
+  final = [r for r in records if any("knn" in k for k in r)]
+  assert len(final) == 1
+  assert 0.0 <= final[0]["knn_top1"] <= 1.0
+  assert 0.0 <= final[0]["knn_top1_random_init"] <= 1.0
+  assert (workdir / "config.json").exists()
+  assert list(workdir.glob("events.out.tfevents.*")), "no TensorBoard file"
+  assert (workdir / "checkpoints" / "6").is_dir()
+
+
+def test_beit_runs(fake_fashion_mnist, tmp_path):
+  config = load_config("beit,test")
+  config.data.manual_dir = str(fake_fashion_mnist)
+  config.data.data_dir = str(tmp_path / "tfds")
+  config.knn.enabled = False
+  final = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert np.isfinite(final["loss"]) and final["loss"] == final["inpaint_loss"]
+  assert "match_loss" not in final
+  # Before any training, the loss of a V-way classifier is near log(V).
+  first = next(r for r in metric_log.read_metrics(str(tmp_path / "run")) if "loss" in r)
+  assert abs(first["loss"] - np.log(config.tokenizer.vocab_size)) < 1.0
+
+
+def test_resume_matches_unbroken_run(fake_fashion_mnist, tmp_path, monkeypatch):
+  """A run that dies after its step-4 checkpoint and restarts logs the same losses."""
+  def config():
+    return _test_config(fake_fashion_mnist, tmp_path / "tfds", num_steps=8, log_every=1,
+                        checkpoint_every=2, eval_every=100, **{"knn.enabled": False})
+
+  train.train_and_evaluate(config(), str(tmp_path / "unbroken"))
+  expected = {r["step"]: r for r in metric_log.read_metrics(str(tmp_path / "unbroken"))
+              if "loss" in r}
+
+  save = checkpointing.Checkpointer.save
+  def save_then_die(self, step, state, data_iterator):
+    save(self, step, state, data_iterator)
+    if step == 4:
+      self.wait()
+      raise RuntimeError("simulated crash")
+  monkeypatch.setattr(checkpointing.Checkpointer, "save", save_then_die)
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    train.train_and_evaluate(config(), str(tmp_path / "broken"))
+  monkeypatch.setattr(checkpointing.Checkpointer, "save", save)
+  train.train_and_evaluate(config(), str(tmp_path / "broken"))
+
+  resumed = [r for r in metric_log.read_metrics(str(tmp_path / "broken")) if "loss" in r]
+  assert [r["step"] for r in resumed] == list(range(1, 9))  # no step logged twice
+  for r in resumed:
+    for key in ("loss", "inpaint_loss", "match_loss", "grad_norm"):
+      assert r[key] == expected[r["step"]][key], (r["step"], key)
+
+
+def _random_batch(config, grid, batch_size, seed=0):
+  rng = np.random.default_rng(seed)
+  mask_fn = masking.make_mask_fn(config.objective, grid, config.masking.ratio,
+                                 kind=config.masking.kind)
+  masks = [mask_fn(rng) for _ in range(batch_size)]
+  size, channels = config.model.image_size, config.model.num_channels
+  batch = {k: np.stack([m[k] for m in masks]) for k in masks[0]}
+  batch["image"] = rng.integers(0, 256, (batch_size, size, size, channels), dtype=np.uint8)
+  return batch, masks[0]
+
+
+@pytest.mark.parametrize("arg", ["test", "beit,test"])
+def test_eight_devices_equal_one_device(arg):
+  """The same two steps on a 1-device mesh and an 8-device data mesh agree."""
+  assert jax.device_count() >= 8, "conftest.py sets 8 fake CPU devices"
+  config = load_config(arg)
+  config.model.drop_path = 0.1  # exercise the per-sample randomness too
+  grid = config_base.grid_size(config)
+  batch, example = _random_batch(config, grid, batch_size=16)
+  model = objectives.build_model(config, grid)
+  loss_fn = objectives.build_loss_fn(config, model, grid)
+  schedule = optim.learning_rate_schedule(config.optim, config.batch_size, 10, 1.0)
+  optimizer = optim.make_optimizer(config.optim, schedule)
+  codebook = tokenizers.random_projection_codebook(
+      jax.random.PRNGKey(1), config.tokenizer.vocab_size,
+      tokenizers.codebook_dim(config.tokenizer.patch_size, config.model.num_channels))
+
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()[:8]):
+    mesh = sharding.make_mesh(config.mesh, devices)
+    state = train_step_lib.init_train_state(
+        model, optimizer, codebook, objectives.example_inputs(config, example),
+        jax.random.PRNGKey(0), mesh)
+    step = train_step_lib.make_train_step(loss_fn, optimizer, schedule, 0, mesh, state)
+    losses = []
+    for _ in range(2):
+      global_batch = sharding.global_batch(batch, mesh)
+      assert len(global_batch["image"].sharding.device_set) == len(devices)
+      state, metrics = step(state, global_batch)
+      losses.append(float(metrics["loss"]))
+    results.append((losses, jax.device_get(state.params)))
+
+  (losses_1, params_1), (losses_8, params_8) = results
+  np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               params_8, params_1)
