@@ -4,9 +4,10 @@ import jax
 import jax.numpy as jnp
 
 
-def token_cross_entropy(logits: jax.Array, targets: jax.Array,
+def token_cross_entropy(logits: jax.Array,
+                        targets: jax.Array,
                         weights: jax.Array | None = None) -> jax.Array:
-    """Mean cross-entropy of visual-word predictions.
+  """Mean cross-entropy of visual-word predictions.
 
     Args:
       logits: float [..., V], any float dtype; the log-softmax is taken in float32.
@@ -16,29 +17,28 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array,
     Returns:
       float32 scalar.
     """
-    if logits.ndim < 1 or logits.shape[:-1] != targets.shape:
-        raise ValueError(f'targets must have shape logits.shape[:-1]={logits.shape[:-1]}, '
-                         f'got {targets.shape}')
-    if not jnp.issubdtype(targets.dtype, jnp.integer):
-        raise ValueError(f'targets must be an integer array, got dtype {targets.dtype}')
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    ce = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-    if weights is None:
-        return jnp.mean(ce)
-    if weights.shape != targets.shape:
-        raise ValueError(f'weights must have the shape of targets {targets.shape}, '
-                         f'got {weights.shape}')
-    weights = weights.astype(jnp.float32)
-    return jnp.sum(weights * ce) / jnp.maximum(jnp.sum(weights), jnp.finfo(jnp.float32).tiny)
+  if logits.ndim < 1 or logits.shape[:-1] != targets.shape:
+    raise ValueError(f'targets must have shape logits.shape[:-1]={logits.shape[:-1]}, '
+                     f'got {targets.shape}')
+  if not jnp.issubdtype(targets.dtype, jnp.integer):
+    raise ValueError(f'targets must be an integer array, got dtype {targets.dtype}')
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  ce = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  if weights is None:
+    return jnp.mean(ce)
+  if weights.shape != targets.shape:
+    raise ValueError(f'weights must have the shape of targets {targets.shape}, '
+                     f'got {weights.shape}')
+  weights = weights.astype(jnp.float32)
+  return jnp.sum(weights * ce) / jnp.maximum(jnp.sum(weights), jnp.finfo(jnp.float32).tiny)
 
 
 def _l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
-def symmetric_info_nce(za: jax.Array, zb: jax.Array,
-                       temperature: float) -> tuple[jax.Array, dict]:
-    """Symmetric InfoNCE between the two views of each image (SplitMask's match loss).
+def symmetric_info_nce(za: jax.Array, zb: jax.Array, temperature: float) -> tuple[jax.Array, dict]:
+  """Symmetric InfoNCE between the two views of each image (SplitMask's match loss).
 
     Eq. 2 of the paper scores pairs with dot products and tau = 0.2 "following MoCo v3",
     which L2-normalises its features, so both inputs are normalised here (cosine
@@ -56,20 +56,20 @@ def symmetric_info_nce(za: jax.Array, zb: jax.Array,
       metrics: {'accuracy': float32 scalar, fraction of rows whose argmax is the
         diagonal, averaged over both directions}.
     """
-    if za.ndim != 2 or za.shape != zb.shape:
-        raise ValueError(f'za and zb must both be [B, D], got {za.shape} and {zb.shape}')
-    if not temperature > 0:
-        raise ValueError(f'temperature must be > 0, got {temperature}')
-    za = _l2_normalize(za.astype(jnp.float32))
-    zb = _l2_normalize(zb.astype(jnp.float32))
-    logits = za @ zb.T / temperature
-    labels = jnp.arange(za.shape[0])
+  if za.ndim != 2 or za.shape != zb.shape:
+    raise ValueError(f'za and zb must both be [B, D], got {za.shape} and {zb.shape}')
+  if not temperature > 0:
+    raise ValueError(f'temperature must be > 0, got {temperature}')
+  za = _l2_normalize(za.astype(jnp.float32))
+  zb = _l2_normalize(zb.astype(jnp.float32))
+  logits = za @ zb.T / temperature
+  labels = jnp.arange(za.shape[0])
 
-    def direction(lg):
-        ce = -jnp.take_along_axis(jax.nn.log_softmax(lg, axis=-1), labels[:, None], axis=-1)
-        accuracy = jnp.mean((jnp.argmax(lg, axis=-1) == labels).astype(jnp.float32))
-        return jnp.mean(ce), accuracy
+  def direction(lg):
+    ce = -jnp.take_along_axis(jax.nn.log_softmax(lg, axis=-1), labels[:, None], axis=-1)
+    accuracy = jnp.mean((jnp.argmax(lg, axis=-1) == labels).astype(jnp.float32))
+    return jnp.mean(ce), accuracy
 
-    loss_ab, acc_ab = direction(logits)
-    loss_ba, acc_ba = direction(logits.T)
-    return 0.5 * (loss_ab + loss_ba), {'accuracy': 0.5 * (acc_ab + acc_ba)}
+  loss_ab, acc_ab = direction(logits)
+  loss_ba, acc_ba = direction(logits.T)
+  return 0.5 * (loss_ab + loss_ba), {'accuracy': 0.5 * (acc_ab + acc_ba)}

@@ -21,7 +21,7 @@ _trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 
 
 class SplitMaskModel(nn.Module):
-    """SplitMask: a shared encoder sees each branch's observed patches only, a shallow
+  """SplitMask: a shared encoder sees each branch's observed patches only, a shallow
     decoder inpaints the rest of the image for each branch.
 
     Attributes:
@@ -35,39 +35,45 @@ class SplitMaskModel(nn.Module):
       remat: rematerialise every block of both stacks.
     """
 
-    width: int
-    depth: int
-    num_heads: int
-    mlp_dim: int
-    patch_size: int
-    grid: tuple[int, int]
-    vocab_size: int
-    decoder_depth: int = 2
-    decoder_width: int | None = None
-    decoder_num_heads: int | None = None
-    decoder_mlp_dim: int | None = None
-    drop_path_rate: float = 0.0
-    decoder_drop_path_rate: float = 0.0
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    remat: bool = False
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  patch_size: int
+  grid: tuple[int, int]
+  vocab_size: int
+  decoder_depth: int = 2
+  decoder_width: int | None = None
+  decoder_num_heads: int | None = None
+  decoder_mlp_dim: int | None = None
+  drop_path_rate: float = 0.0
+  decoder_drop_path_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: bool = False
 
-    def setup(self):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat)
-        self.encoder = Encoder(
-            width=self.width, depth=self.depth, num_heads=self.num_heads,
-            mlp_dim=self.mlp_dim, patch_size=self.patch_size, grid=self.grid,
-            drop_path_rate=self.drop_path_rate, **kw)
-        self.decoder = Decoder(
-            width=self.decoder_width or self.width,
-            num_heads=self.decoder_num_heads or self.num_heads,
-            mlp_dim=self.decoder_mlp_dim or self.mlp_dim,
-            num_patches=self.grid[0] * self.grid[1], vocab_size=self.vocab_size,
-            depth=self.decoder_depth, drop_path_rate=self.decoder_drop_path_rate, **kw)
+  def setup(self):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat)
+    self.encoder = Encoder(width=self.width,
+                           depth=self.depth,
+                           num_heads=self.num_heads,
+                           mlp_dim=self.mlp_dim,
+                           patch_size=self.patch_size,
+                           grid=self.grid,
+                           drop_path_rate=self.drop_path_rate,
+                           **kw)
+    self.decoder = Decoder(width=self.decoder_width or self.width,
+                           num_heads=self.decoder_num_heads or self.num_heads,
+                           mlp_dim=self.decoder_mlp_dim or self.mlp_dim,
+                           num_patches=self.grid[0] * self.grid[1],
+                           vocab_size=self.vocab_size,
+                           depth=self.decoder_depth,
+                           drop_path_rate=self.decoder_drop_path_rate,
+                           **kw)
 
-    def __call__(self, images: jax.Array, visible_a: jax.Array, visible_b: jax.Array,
-                 masked_a: jax.Array, masked_b: jax.Array, *, train: bool) -> dict:
-        """Runs both branches.
+  def __call__(self, images: jax.Array, visible_a: jax.Array, visible_b: jax.Array,
+               masked_a: jax.Array, masked_b: jax.Array, *, train: bool) -> dict:
+    """Runs both branches.
 
         Args:
           images: float [B, H, W, C] in [-1, 1].
@@ -80,29 +86,33 @@ class SplitMaskModel(nn.Module):
            'features_a', 'features_b': [B, N, decoder width] in `dtype`, the decoder
            outputs at every position (average-pool them for the matching loss)}.
         """
-        b = images.shape[0]
-        if visible_a.shape != visible_b.shape or visible_a.ndim != 2 or visible_a.shape[0] != b:
-            raise ValueError(f'visible_a and visible_b must both be [B={b}, n], got '
-                             f'{visible_a.shape} and {visible_b.shape}')
-        if masked_a.shape != masked_b.shape or masked_a.ndim != 2 or masked_a.shape[0] != b:
-            raise ValueError(f'masked_a and masked_b must both be [B={b}, m], got '
-                             f'{masked_a.shape} and {masked_b.shape}')
-        # Both branches as one batch of 2B: the weights are shared and one call
-        # launches every kernel once instead of twice.
-        both = lambda x, y: jnp.concatenate([x, y], axis=0)
-        visible = both(visible_a, visible_b)
-        tokens, _ = self.encoder(both(images, images), visible=visible, train=train)
-        features, logits = self.decoder(tokens, visible, both(masked_a, masked_b), train=train)
-        return {'logits_a': logits[:b], 'logits_b': logits[b:],
-                'features_a': features[:b], 'features_b': features[b:]}
+    b = images.shape[0]
+    if visible_a.shape != visible_b.shape or visible_a.ndim != 2 or visible_a.shape[0] != b:
+      raise ValueError(f'visible_a and visible_b must both be [B={b}, n], got '
+                       f'{visible_a.shape} and {visible_b.shape}')
+    if masked_a.shape != masked_b.shape or masked_a.ndim != 2 or masked_a.shape[0] != b:
+      raise ValueError(f'masked_a and masked_b must both be [B={b}, m], got '
+                       f'{masked_a.shape} and {masked_b.shape}')
+    # Both branches as one batch of 2B: the weights are shared and one call
+    # launches every kernel once instead of twice.
+    both = lambda x, y: jnp.concatenate([x, y], axis=0)
+    visible = both(visible_a, visible_b)
+    tokens, _ = self.encoder(both(images, images), visible=visible, train=train)
+    features, logits = self.decoder(tokens, visible, both(masked_a, masked_b), train=train)
+    return {
+        'logits_a': logits[:b],
+        'logits_b': logits[b:],
+        'features_a': features[:b],
+        'features_b': features[b:]
+    }
 
-    def encode(self, images: jax.Array, *, train: bool = False):
-        """Encoder over all patches: (tokens [B, N, width], aux), see Encoder."""
-        return self.encoder(images, train=train)
+  def encode(self, images: jax.Array, *, train: bool = False):
+    """Encoder over all patches: (tokens [B, N, width], aux), see Encoder."""
+    return self.encoder(images, train=train)
 
 
 class BEiTModel(nn.Module):
-    """BEiT: an encoder over all patches, masked ones replaced by a learned [MASK]
+  """BEiT: an encoder over all patches, masked ones replaced by a learned [MASK]
     embedding, and a linear head predicting the masked patches' visual words.
 
     Attributes:
@@ -113,30 +123,37 @@ class BEiTModel(nn.Module):
       remat: rematerialise every block.
     """
 
-    width: int
-    depth: int
-    num_heads: int
-    mlp_dim: int
-    patch_size: int
-    grid: tuple[int, int]
-    vocab_size: int
-    drop_path_rate: float = 0.0
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    remat: bool = False
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  patch_size: int
+  grid: tuple[int, int]
+  vocab_size: int
+  drop_path_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: bool = False
 
-    def setup(self):
-        self.encoder = Encoder(
-            width=self.width, depth=self.depth, num_heads=self.num_heads,
-            mlp_dim=self.mlp_dim, patch_size=self.patch_size, grid=self.grid,
-            drop_path_rate=self.drop_path_rate, use_mask_token=True, dtype=self.dtype,
-            param_dtype=self.param_dtype, remat=self.remat)
-        self.head = nn.Dense(self.vocab_size, kernel_init=_trunc_normal, dtype=self.dtype,
-                             param_dtype=self.param_dtype)
+  def setup(self):
+    self.encoder = Encoder(width=self.width,
+                           depth=self.depth,
+                           num_heads=self.num_heads,
+                           mlp_dim=self.mlp_dim,
+                           patch_size=self.patch_size,
+                           grid=self.grid,
+                           drop_path_rate=self.drop_path_rate,
+                           use_mask_token=True,
+                           dtype=self.dtype,
+                           param_dtype=self.param_dtype,
+                           remat=self.remat)
+    self.head = nn.Dense(self.vocab_size,
+                         kernel_init=_trunc_normal,
+                         dtype=self.dtype,
+                         param_dtype=self.param_dtype)
 
-    def __call__(self, images: jax.Array, mask: jax.Array, masked: jax.Array, *,
-                 train: bool) -> dict:
-        """Predicts the visual words of the masked patches.
+  def __call__(self, images: jax.Array, mask: jax.Array, masked: jax.Array, *, train: bool) -> dict:
+    """Predicts the visual words of the masked patches.
 
         Args:
           images: float [B, H, W, C] in [-1, 1].
@@ -146,12 +163,12 @@ class BEiTModel(nn.Module):
         Returns:
           {'logits': float32 [B, m, V]}.
         """
-        if masked.ndim != 2 or masked.shape[0] != images.shape[0]:
-            raise ValueError(f'masked must be [B={images.shape[0]}, m], got {masked.shape}')
-        tokens, _ = self.encoder(images, mask=mask, train=train)
-        logits = self.head(gather_tokens(tokens, masked))
-        return {'logits': logits.astype(jnp.float32)}
+    if masked.ndim != 2 or masked.shape[0] != images.shape[0]:
+      raise ValueError(f'masked must be [B={images.shape[0]}, m], got {masked.shape}')
+    tokens, _ = self.encoder(images, mask=mask, train=train)
+    logits = self.head(gather_tokens(tokens, masked))
+    return {'logits': logits.astype(jnp.float32)}
 
-    def encode(self, images: jax.Array, *, train: bool = False):
-        """Encoder over all patches, nothing masked: (tokens [B, N, width], aux)."""
-        return self.encoder(images, train=train)
+  def encode(self, images: jax.Array, *, train: bool = False):
+    """Encoder over all patches, nothing masked: (tokens [B, N, width], aux)."""
+    return self.encoder(images, train=train)
