@@ -9,14 +9,14 @@ def token_cross_entropy(logits: jax.Array,
                         weights: jax.Array | None = None) -> jax.Array:
   """Mean cross-entropy of visual-word predictions.
 
-    Args:
-      logits: float [..., V], any float dtype; the log-softmax is taken in float32.
-      targets: int [...], visual words in [0, V).
-      weights: optional float or bool [...]; gives the weighted mean
-        sum(w * ce) / sum(w) (0 when every weight is 0).
-    Returns:
-      float32 scalar.
-    """
+  Args:
+    logits: float [..., V], any float dtype; the log-softmax is taken in float32.
+    targets: int [...], visual words in [0, V).
+    weights: optional float or bool [...]; gives the weighted mean
+      sum(w * ce) / sum(w) (0 when every weight is 0).
+  Returns:
+    float32 scalar.
+  """
   if logits.ndim < 1 or logits.shape[:-1] != targets.shape:
     raise ValueError(f'targets must have shape logits.shape[:-1]={logits.shape[:-1]}, '
                      f'got {targets.shape}')
@@ -40,22 +40,22 @@ def _l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 def symmetric_info_nce(za: jax.Array, zb: jax.Array, temperature: float) -> tuple[jax.Array, dict]:
   """Symmetric InfoNCE between the two views of each image (SplitMask's match loss).
 
-    Eq. 2 of the paper scores pairs with dot products and tau = 0.2 "following MoCo v3",
-    which L2-normalises its features, so both inputs are normalised here (cosine
-    similarity). The logits are za @ zb.T over the whole batch: under jit with the
-    batch sharded over devices, this is the global batch, so every image's negatives
-    are all other images of the global batch.
+  Eq. 2 of the paper scores pairs with dot products and tau = 0.2 "following MoCo v3",
+  which L2-normalises its features, so both inputs are normalised here (cosine
+  similarity). The logits are za @ zb.T over the whole batch: under jit with the
+  batch sharded over devices, this is the global batch, so every image's negatives
+  are all other images of the global batch.
 
-    Args:
-      za, zb: float [B, D], any float dtype (computed in float32); row i of each is
-        the same image.
-      temperature: tau > 0.
-    Returns:
-      loss: float32 scalar, the mean of the a->b and b->a cross-entropies with the
-        diagonal as the target.
-      metrics: {'accuracy': float32 scalar, fraction of rows whose argmax is the
-        diagonal, averaged over both directions}.
-    """
+  Args:
+    za, zb: float [B, D], any float dtype (computed in float32); row i of each is
+      the same image.
+    temperature: tau > 0.
+  Returns:
+    loss: float32 scalar, the mean of the a->b and b->a cross-entropies with the
+      diagonal as the target.
+    metrics: {'accuracy': float32 scalar, fraction of rows whose argmax is the
+      diagonal, averaged over both directions}.
+  """
   if za.ndim != 2 or za.shape != zb.shape:
     raise ValueError(f'za and zb must both be [B, D], got {za.shape} and {zb.shape}')
   if not temperature > 0:

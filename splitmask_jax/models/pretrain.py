@@ -22,18 +22,18 @@ _trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 
 class SplitMaskModel(nn.Module):
   """SplitMask: a shared encoder sees each branch's observed patches only, a shallow
-    decoder inpaints the rest of the image for each branch.
+  decoder inpaints the rest of the image for each branch.
 
-    Attributes:
-      width, depth, num_heads, mlp_dim: encoder size (see VARIANTS).
-      patch_size, grid: patch side in pixels and (gh, gw) patch grid.
-      vocab_size: number of visual words predicted by the decoder head.
-      decoder_depth: decoder blocks (2 in the paper).
-      decoder_width, decoder_num_heads, decoder_mlp_dim: decoder size; None = the
-        encoder's (the paper matches the encoder width).
-      drop_path_rate, decoder_drop_path_rate: stochastic depth of each stack.
-      remat: rematerialise every block of both stacks.
-    """
+  Attributes:
+    width, depth, num_heads, mlp_dim: encoder size (see VARIANTS).
+    patch_size, grid: patch side in pixels and (gh, gw) patch grid.
+    vocab_size: number of visual words predicted by the decoder head.
+    decoder_depth: decoder blocks (2 in the paper).
+    decoder_width, decoder_num_heads, decoder_mlp_dim: decoder size; None = the
+      encoder's (the paper matches the encoder width).
+    drop_path_rate, decoder_drop_path_rate: stochastic depth of each stack.
+    remat: rematerialise every block of both stacks.
+  """
 
   width: int
   depth: int
@@ -75,17 +75,17 @@ class SplitMaskModel(nn.Module):
                masked_a: jax.Array, masked_b: jax.Array, *, train: bool) -> dict:
     """Runs both branches.
 
-        Args:
-          images: float [B, H, W, C] in [-1, 1].
-          visible_a, visible_b: int32 [B, n], patches observed by branch a / b.
-          masked_a, masked_b: int32 [B, m], patches whose visual word branch a / b
-            predicts (those it does not observe).
-          train: enables stochastic depth (uses the 'dropout' rng).
-        Returns:
-          {'logits_a', 'logits_b': float32 [B, m, V],
-           'features_a', 'features_b': [B, N, decoder width] in `dtype`, the decoder
-           outputs at every position (average-pool them for the matching loss)}.
-        """
+    Args:
+      images: float [B, H, W, C] in [-1, 1].
+      visible_a, visible_b: int32 [B, n], patches observed by branch a / b.
+      masked_a, masked_b: int32 [B, m], patches whose visual word branch a / b
+        predicts (those it does not observe).
+      train: enables stochastic depth (uses the 'dropout' rng).
+    Returns:
+      {'logits_a', 'logits_b': float32 [B, m, V],
+       'features_a', 'features_b': [B, N, decoder width] in `dtype`, the decoder
+       outputs at every position (average-pool them for the matching loss)}.
+    """
     b = images.shape[0]
     if visible_a.shape != visible_b.shape or visible_a.ndim != 2 or visible_a.shape[0] != b:
       raise ValueError(f'visible_a and visible_b must both be [B={b}, n], got '
@@ -113,15 +113,15 @@ class SplitMaskModel(nn.Module):
 
 class BEiTModel(nn.Module):
   """BEiT: an encoder over all patches, masked ones replaced by a learned [MASK]
-    embedding, and a linear head predicting the masked patches' visual words.
+  embedding, and a linear head predicting the masked patches' visual words.
 
-    Attributes:
-      width, depth, num_heads, mlp_dim: encoder size (see VARIANTS).
-      patch_size, grid: patch side in pixels and (gh, gw) patch grid.
-      vocab_size: number of visual words.
-      drop_path_rate: stochastic depth of the last block.
-      remat: rematerialise every block.
-    """
+  Attributes:
+    width, depth, num_heads, mlp_dim: encoder size (see VARIANTS).
+    patch_size, grid: patch side in pixels and (gh, gw) patch grid.
+    vocab_size: number of visual words.
+    drop_path_rate: stochastic depth of the last block.
+    remat: rematerialise every block.
+  """
 
   width: int
   depth: int
@@ -155,14 +155,14 @@ class BEiTModel(nn.Module):
   def __call__(self, images: jax.Array, mask: jax.Array, masked: jax.Array, *, train: bool) -> dict:
     """Predicts the visual words of the masked patches.
 
-        Args:
-          images: float [B, H, W, C] in [-1, 1].
-          mask: bool [B, N], True where the patch is replaced by [MASK].
-          masked: int32 [B, m], the indices of the True entries of `mask`.
-          train: enables stochastic depth (uses the 'dropout' rng).
-        Returns:
-          {'logits': float32 [B, m, V]}.
-        """
+    Args:
+      images: float [B, H, W, C] in [-1, 1].
+      mask: bool [B, N], True where the patch is replaced by [MASK].
+      masked: int32 [B, m], the indices of the True entries of `mask`.
+      train: enables stochastic depth (uses the 'dropout' rng).
+    Returns:
+      {'logits': float32 [B, m, V]}.
+    """
     if masked.ndim != 2 or masked.shape[0] != images.shape[0]:
       raise ValueError(f'masked must be [B={images.shape[0]}, m], got {masked.shape}')
     tokens, _ = self.encoder(images, mask=mask, train=train)

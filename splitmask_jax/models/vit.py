@@ -41,10 +41,10 @@ _trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 def parse_variant(name: str) -> tuple[dict, int]:
   """Parses a variant string such as 'B/16'.
 
-    Returns:
-      (a copy of VARIANTS[size] with keys width, depth, num_heads, mlp_dim,
-       patch_size as int).
-    """
+  Returns:
+    (a copy of VARIANTS[size] with keys width, depth, num_heads, mlp_dim,
+     patch_size as int).
+  """
   allowed = f"'<size>/<patch>' with size in {sorted(VARIANTS)} (e.g. 'B/16')"
   if not isinstance(name, str) or name.count('/') != 1:
     raise ValueError(f'variant must be {allowed}, got {name!r}')
@@ -59,13 +59,13 @@ def parse_variant(name: str) -> tuple[dict, int]:
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
   """Cuts images into non-overlapping square patches, row-major over the patch grid.
 
-    Args:
-      images: [B, H, W, C], H and W multiples of patch_size.
-      patch_size: side p of a patch in pixels.
-    Returns:
-      [B, (H/p)*(W/p), p*p*C], same dtype; each patch flattened in (row, col, channel)
-      order.
-    """
+  Args:
+    images: [B, H, W, C], H and W multiples of patch_size.
+    patch_size: side p of a patch in pixels.
+  Returns:
+    [B, (H/p)*(W/p), p*p*C], same dtype; each patch flattened in (row, col, channel)
+    order.
+  """
   b, h, w, c = images.shape
   if h % patch_size or w % patch_size:
     raise ValueError(
@@ -190,14 +190,14 @@ def _run_blocks(x, *, depth, num_heads, mlp_dim, drop_path_rate, remat, train, k
 class Encoder(nn.Module):
   """ViT encoder with learned absolute position embeddings and no class token.
 
-    Attributes:
-      width, depth, num_heads, mlp_dim: transformer size (see VARIANTS).
-      patch_size: side of the square patches in pixels.
-      grid: (gh, gw) patch grid; images must be [B, gh*patch_size, gw*patch_size, C].
-      drop_path_rate: stochastic depth of the last block (linear from 0 over depth).
-      use_mask_token: create a learned [MASK] embedding (BEiT), needed for `mask`.
-      remat: rematerialise each block in the backward pass.
-    """
+  Attributes:
+    width, depth, num_heads, mlp_dim: transformer size (see VARIANTS).
+    patch_size: side of the square patches in pixels.
+    grid: (gh, gw) patch grid; images must be [B, gh*patch_size, gw*patch_size, C].
+    drop_path_rate: stochastic depth of the last block (linear from 0 over depth).
+    use_mask_token: create a learned [MASK] embedding (BEiT), needed for `mask`.
+    remat: rematerialise each block in the backward pass.
+  """
 
   width: int
   depth: int
@@ -220,19 +220,19 @@ class Encoder(nn.Module):
                train: bool):
     """Encodes all patches, only the `visible` ones, or all with `mask`ed ones hidden.
 
-        Args:
-          images: float [B, H, W, C] in [-1, 1], H = gh*patch_size, W = gw*patch_size.
-          visible: optional int32 [B, n], indices (row-major over the grid) of the only
-            patches to embed and process; the others are never read.
-          mask: optional bool [B, N] (N = gh*gw); True patches are replaced by the
-            [MASK] embedding before position embeddings are added. Needs
-            use_mask_token=True; exclusive with `visible`.
-          train: enables stochastic depth (uses the 'dropout' rng).
-        Returns:
-          tokens: [B, n or N, width] in `dtype`, after the final LayerNorm.
-          aux: {'block_outputs': tuple of `depth` arrays [B, n or N, width], each
-            block's raw output (before the final LayerNorm)}.
-        """
+    Args:
+      images: float [B, H, W, C] in [-1, 1], H = gh*patch_size, W = gw*patch_size.
+      visible: optional int32 [B, n], indices (row-major over the grid) of the only
+        patches to embed and process; the others are never read.
+      mask: optional bool [B, N] (N = gh*gw); True patches are replaced by the
+        [MASK] embedding before position embeddings are added. Needs
+        use_mask_token=True; exclusive with `visible`.
+      train: enables stochastic depth (uses the 'dropout' rng).
+    Returns:
+      tokens: [B, n or N, width] in `dtype`, after the final LayerNorm.
+      aux: {'block_outputs': tuple of `depth` arrays [B, n or N, width], each
+        block's raw output (before the final LayerNorm)}.
+    """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     gh, gw = self.grid
     num_patches = gh * gw
@@ -279,13 +279,13 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
   """Shallow ViT decoder: fills the missing positions and predicts their tokens.
 
-    Attributes:
-      width, num_heads, mlp_dim, depth: decoder transformer size.
-      num_patches: N, length of the full patch sequence.
-      vocab_size: V, number of visual words.
-      drop_path_rate: stochastic depth of the last block (linear from 0 over depth).
-      remat: rematerialise each block in the backward pass.
-    """
+  Attributes:
+    width, num_heads, mlp_dim, depth: decoder transformer size.
+    num_patches: N, length of the full patch sequence.
+    vocab_size: V, number of visual words.
+    drop_path_rate: stochastic depth of the last block (linear from 0 over depth).
+    remat: rematerialise each block in the backward pass.
+  """
 
   width: int
   num_heads: int
@@ -302,15 +302,15 @@ class Decoder(nn.Module):
   def __call__(self, tokens: jax.Array, visible: jax.Array, predict: jax.Array, *, train: bool):
     """Decodes one branch.
 
-        Args:
-          tokens: [B, n, D_enc] encoder outputs of the observed patches.
-          visible: int32 [B, n], the grid positions of `tokens` (distinct).
-          predict: int32 [B, m], the positions whose visual word is predicted.
-          train: enables stochastic depth (uses the 'dropout' rng).
-        Returns:
-          features: [B, N, width] in `dtype`, after the final LayerNorm.
-          logits: float32 [B, m, vocab_size] at the `predict` positions.
-        """
+    Args:
+      tokens: [B, n, D_enc] encoder outputs of the observed patches.
+      visible: int32 [B, n], the grid positions of `tokens` (distinct).
+      predict: int32 [B, m], the positions whose visual word is predicted.
+      train: enables stochastic depth (uses the 'dropout' rng).
+    Returns:
+      features: [B, N, width] in `dtype`, after the final LayerNorm.
+      logits: float32 [B, m, vocab_size] at the `predict` positions.
+    """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if tokens.ndim != 3 or visible.shape != tokens.shape[:2]:
       raise ValueError(f'tokens must be [B, n, D] and visible [B, n], got {tokens.shape} and '
