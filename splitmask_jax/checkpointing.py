@@ -4,6 +4,12 @@ One `CheckpointManager` in `<workdir>/checkpoints` holds two items per step:
 `state` (parameters, optimizer state, step, codebook; every process writes its
 shards) and `data` (the grain iterator state, one file per process), so a
 restarted run continues with the same weights and the same next batch.
+
+Saves are atomic: orbax writes a step into `<step>.orbax-checkpoint-tmp` and
+renames it to `<step>` once every item is on disk, so a process killed while
+saving leaves the previous steps intact and a temporary folder that the next
+`Checkpointer` deletes. Older steps are deleted only after a newer one is
+committed, keeping the `keep` latest.
 """
 
 from __future__ import annotations
@@ -19,14 +25,24 @@ class Checkpointer:
   """Saves and restores (train state, data iterator) pairs in a workdir."""
 
   def __init__(self, workdir: str, *, keep: int):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self._manager = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        self.directory,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": grain.checkpoint.CheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             cleanup_tmp_directories=True))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
+
+  def saved_shape(self, step: int, name: str) -> tuple[int, ...]:
+    """Shape of the train-state array `name` (e.g. 'codebook') saved at `step`.
+
+    Read from the checkpoint's metadata: no array is loaded.
+    """
+    metadata = self._manager.metadata(step).item_metadata["state"]
+    return tuple(metadata[name].shape)
 
   def save(self, step: int, state, data_iterator) -> None:
     """Starts an asynchronous save; the iterator position is captured now."""

@@ -8,9 +8,13 @@ design.md section 2).
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from splitmask_jax import sharding
 from splitmask_jax.models import vit
 
 OBJECTIVES = ("splitmask", "beit")
@@ -84,13 +88,27 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_steps = placeholder(int)  # overrides num_epochs when set
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # devices on the data axis; -1: all of them
+  # Batches are split over data x fsdp devices; parameters and optimizer state
+  # are sharded over fsdp (see sharding.py). -1 on one axis: the rest.
+  c.mesh.data = -1  # devices on the data axis
+  c.mesh.fsdp = 1  # devices on the fsdp axis
 
   c.log_every = 100
   c.eval_every = 5000  # held-out MIM loss
   c.eval_batches = 10
   c.checkpoint_every = 5000
   c.keep_checkpoints = 2
+  # A non-finite loss or gradient stops the run at the next log step, naming the
+  # step; the checkpoints before it stay. True: such an update is skipped instead
+  # (counted as `skipped_updates`); more than max_consecutive_skips in a row is
+  # applied, and so stops the run.
+  c.skip_nonfinite_updates = False
+  c.max_consecutive_skips = 10
+  # XLA trace of steps start_step + 1 ... start_step + num_steps (0: no trace)
+  # in <workdir>/profile, for TensorBoard's profile plugin or Perfetto.
+  c.profile = ml_collections.ConfigDict()
+  c.profile.start_step = 10
+  c.profile.num_steps = 0
 
   # k-NN accuracy of the pooled encoder features at the end of a run, beside
   # the same figure for the randomly initialised encoder.
@@ -98,8 +116,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.knn.enabled = True
   c.knn.train_split = "train"
   c.knn.test_split = "validation"
-  c.knn.num_train = placeholder(int, 50_000)  # None: the whole split
-  c.knn.num_test = placeholder(int, 10_000)  # None: the whole split
+  # placeholder()'s second argument is `required`, not a default: an int field
+  # that also takes None is a typed FieldReference.
+  c.knn.num_train = ml_collections.FieldReference(50_000, field_type=int)  # None: all
+  c.knn.num_test = ml_collections.FieldReference(10_000, field_type=int)  # None: all
   c.knn.k = 20
   c.knn.temperature = 0.07
   c.knn.batch_size = 256
@@ -117,11 +137,45 @@ def _fail(key: str, value, allowed: str):
   raise ValueError(f"config.{key}={value!r} is invalid: {allowed}.")
 
 
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[prefix + key] = value
+  return flat
+
+
+def _check_schema(config) -> None:
+  """Raises for a key that `base_config()` lacks (a typo in a config file), naming
+  the keys allowed at its level, and for a key of the schema the config lacks."""
+  schema, keys = set(_flatten(base_config().to_dict())), set(_flatten(config.to_dict()))
+  groups = {k.rsplit(".", 1)[0] for k in schema if "." in k}
+  for key in sorted(keys - schema):
+    parts = key.split(".")
+    # The first component that is neither a key nor a group of the schema.
+    depth = next(i for i in range(1, len(parts) + 1)
+                 if ".".join(parts[:i]) not in schema | groups)
+    parent = ".".join(parts[:depth - 1])
+    siblings = sorted({k[len(parent) + 1:].split(".")[0] if parent else k.split(".")[0]
+                       for k in schema if not parent or k.startswith(parent + ".")})
+    where = f"in config.{parent}" if parent else "at the top level"
+    raise ValueError(f"config.{'.'.join(parts[:depth])} is not a key of the config "
+                     f"schema (config_base.base_config()): allowed keys {where} are "
+                     f"{siblings}.")
+  missing = sorted(schema - keys)
+  if missing:
+    raise ValueError(f"config lacks the keys {missing}: start config files from "
+                     "config_base.base_config().")
+
+
 def validate_config(config) -> None:
   """Raises ValueError naming the key for any value a run cannot use.
 
   Runs before anything is compiled or read, so a typo costs seconds.
   """
+  _check_schema(config)
   if config.objective not in OBJECTIVES:
     _fail("objective", config.objective, f"allowed values are {OBJECTIVES}")
   try:
@@ -162,6 +216,47 @@ def validate_config(config) -> None:
   lo, hi = config.data.crop_scale
   if not 0 < lo <= hi <= 1:
     _fail("data.crop_scale", config.data.crop_scale, "it needs 0 < min <= max <= 1")
-  for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+  sharding.check_mesh_config(config.mesh)
+  if config.profile.start_step < 1:
+    _fail("profile.start_step", config.profile.start_step,
+          "it must be >= 1 (the first step compiles)")
+  if config.profile.num_steps < 0:
+    _fail("profile.num_steps", config.profile.num_steps, "it must be >= 0 (0: off)")
+  for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+              "max_consecutive_skips"):
     if config[key] <= 0:
       _fail(key, config[key], "it must be positive")
+
+
+# Keys that may differ between a run and its resumption: they say where the data
+# is, how it is read, how often the run logs, evaluates and saves, how the work
+# is laid out on devices, what happens to non-finite updates and how the end
+# evaluation runs, but not what the run computes. A trailing '.' covers a group.
+RESUMABLE_KEYS = ("data.data_dir", "data.manual_dir", "data.num_workers", "data.prefetch",
+                  "log_every", "eval_every", "eval_batches", "checkpoint_every",
+                  "keep_checkpoints", "skip_nonfinite_updates", "max_consecutive_skips",
+                  "mesh.", "profile.", "knn.")
+_ABSENT = "<absent>"
+
+
+def resume_conflicts(saved: dict, config) -> dict[str, tuple[Any, Any]]:
+  """Keys on which `config` and a run's saved config disagree, beyond RESUMABLE_KEYS.
+
+  Args:
+    saved: the run's config as read back from its `config.json`.
+    config: the config of the run that would resume it.
+
+  Returns:
+    {dotted key: (saved value, new value)}, sorted by key; '<absent>' stands for
+    a key that one side lacks. Empty when the run may resume with `config`.
+  """
+  old = _flatten(saved)
+  # Through JSON, so both sides compare alike (tuples as lists, None as null).
+  new = _flatten(json.loads(config.to_json_best_effort()))
+  conflicts = {}
+  for key in sorted(old.keys() | new.keys()):
+    if any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS):
+      continue
+    if old.get(key, _ABSENT) != new.get(key, _ABSENT):
+      conflicts[key] = (old.get(key, _ABSENT), new.get(key, _ABSENT))
+  return conflicts

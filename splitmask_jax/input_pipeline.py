@@ -8,6 +8,10 @@ Randomness: every example's augmentation and mask come from a generator that gra
 derives from (pipeline seed, position of the example in the global stream). Batches
 therefore depend only on the seed and the global batch size, neither on the number
 of prefetch workers nor on where the pipeline was resumed.
+
+Unreadable records (an image that fails to decode) do not stop a run: pre-training
+takes the next readable record of the source in its place, so batches stay full and
+deterministic, and counts them; evaluation marks them invalid.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 
 import grain
 import numpy as np
+from absl import logging
 from PIL import Image
 
 MaskFn = Callable[[np.random.Generator], dict[str, np.ndarray]]
@@ -27,6 +32,11 @@ MaskFn = Callable[[np.random.Generator], dict[str, np.ndarray]]
 _RESAMPLE = Image.Resampling.BICUBIC
 _CROP_ATTEMPTS = 10
 DEFAULT_CROP_RATIO = (3 / 4, 4 / 3)
+# Batch key of the number of unreadable records skipped to fill each example.
+SKIPPED_KEY = "skipped_images"
+# More unreadable records in a row than this means a broken dataset, not a few
+# broken files: that fails rather than reading on.
+_MAX_UNREADABLE_IN_A_ROW = 100
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:
@@ -112,6 +122,45 @@ def augment(image: np.ndarray, rng: np.random.Generator, *, image_size: int,
   return np.ascontiguousarray(out)
 
 
+def _read(source: Sequence[Any], index: int) -> Any | None:
+  """`source[index]`, or None when the record cannot be read or decoded."""
+  try:
+    return source[index]
+  # Decoders fail in many ways (PIL raises UnidentifiedImageError or OSError;
+  # OpenCV returns None, on which TFDS then calls a method), so any error while
+  # reading one record makes that record unreadable; _SkipUnreadable fails on
+  # a source whose records fail in a long row.
+  except Exception as e:  # pylint: disable=broad-except
+    logging.log_every_n(logging.WARNING, "Skipping unreadable record %d: %r", 100,
+                        index, e)
+    return None
+
+
+class _SkipUnreadable:
+  """Random-access view of a source whose record i is (record, skipped).
+
+  `record` is the first readable record among source[i], source[i + 1], ...
+  (cyclically) and `skipped` the number of unreadable ones passed over, so the
+  result depends on i alone.
+  """
+
+  def __init__(self, source: Sequence[Any]):
+    self._source = source
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> tuple[Any, int]:
+    size = len(self._source)
+    for skipped in range(min(size, _MAX_UNREADABLE_IN_A_ROW)):
+      record = _read(self._source, (index + skipped) % size)
+      if record is not None:
+        return record, skipped
+    raise ValueError(f"Records {index % size} to {(index + skipped) % size} of the "
+                     f"source are all unreadable (see the warnings above): the data "
+                     f"is broken, not a few files of it.")
+
+
 def _record_image(record: Mapping[str, Any]) -> np.ndarray:
   if "image" not in record:
     raise ValueError(f"records must hold an 'image'; this one holds {sorted(record)}.")
@@ -120,16 +169,17 @@ def _record_image(record: Mapping[str, Any]) -> np.ndarray:
 
 def _masks(mask_fn: MaskFn, rng: np.random.Generator) -> dict[str, np.ndarray]:
   masks = mask_fn(rng)
-  if not isinstance(masks, Mapping) or {"image", "label", "valid"} & set(masks):
+  if not isinstance(masks, Mapping) or {"image", "label", "valid", SKIPPED_KEY} & set(masks):
     raise ValueError("mask_fn must return a dict of arrays whose keys are not "
-                     f"'image', 'label' or 'valid', got {masks!r}.")
+                     f"'image', 'label', 'valid' or {SKIPPED_KEY!r}, got {masks!r}.")
   return dict(masks)
 
 
-def _pretrain_example(record: Mapping[str, Any], rng: np.random.Generator, *,
+def _pretrain_example(item: tuple[Mapping[str, Any], int], rng: np.random.Generator, *,
                       image_size: int, crop_scale: tuple[float, float],
-                      crop_ratio: tuple[float, float],
-                      mask_fn: MaskFn | None) -> dict[str, np.ndarray]:
+                      crop_ratio: tuple[float, float], mask_fn: MaskFn | None,
+                      count_skipped: bool) -> dict[str, np.ndarray]:
+  record, skipped = item
   # The mask generator is split off first, so masks do not depend on how many
   # draws the augmentation makes.
   mask_rng = np.random.default_rng(rng.integers(2**63, size=2))
@@ -137,6 +187,8 @@ def _pretrain_example(record: Mapping[str, Any], rng: np.random.Generator, *,
                               crop_scale=crop_scale, crop_ratio=crop_ratio)}
   if mask_fn is not None:
     example.update(_masks(mask_fn, mask_rng))
+  if count_skipped:
+    example[SKIPPED_KEY] = np.int32(skipped)
   return example
 
 
@@ -162,7 +214,8 @@ def pretrain_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int,
                      crop_ratio: tuple[float, float] = DEFAULT_CROP_RATIO,
                      mask_fn: MaskFn | None, seed: int, process_index: int = 0,
                      process_count: int = 1, num_workers: int = 0,
-                     prefetch_buffer: int = 2) -> grain.IterDataset:
+                     prefetch_buffer: int = 2,
+                     count_skipped: bool = False) -> grain.IterDataset:
   """Infinite stream of augmented, masked pre-training batches for one process.
 
   The global stream is the source reshuffled every epoch, epoch after epoch;
@@ -188,12 +241,16 @@ def pretrain_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int,
       processes read grain's absl flags: parse them first (absl.app.run does).
     prefetch_buffer: batches prepared ahead (and threads preparing them) in this
       process or in each worker.
+    count_skipped: whether batches carry SKIPPED_KEY. An unreadable record is
+      always replaced by the next readable one of the source (see _SkipUnreadable).
 
   Returns:
     grain IterDataset of dicts: 'image' uint8 [batch_size, image_size, image_size,
-    C] and each mask array with a leading batch axis (other record fields, such
-    as 'label', are dropped). Its iterator's `get_state()` / `set_state()` save
-    and restore the position in the stream.
+    C], each mask array with a leading batch axis, and when count_skipped
+    SKIPPED_KEY int32 [batch_size], the unreadable records passed over to fill
+    each example (other record fields, such as 'label', are dropped). Its
+    iterator's `get_state()` / `set_state()` save and restore the position in
+    the stream.
   """
   _check_common(source, batch_size, image_size, process_index, process_count, seed)
   if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
@@ -207,8 +264,8 @@ def pretrain_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int,
 
   example_fn = functools.partial(
       _pretrain_example, image_size=image_size, crop_scale=tuple(crop_scale),
-      crop_ratio=tuple(crop_ratio), mask_fn=mask_fn)
-  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+      crop_ratio=tuple(crop_ratio), mask_fn=mask_fn, count_skipped=count_skipped)
+  ds = grain.MapDataset.source(_SkipUnreadable(source)).seed(seed).shuffle().repeat()
   # Random draws before sharding: an element's generator follows from its
   # position in the global stream, not from the process that reads it.
   ds = ds.random_map(example_fn)
@@ -229,12 +286,11 @@ def _eval_example(index: int, *, source: Sequence[Mapping[str, Any]],
                   image_size: int, channels: int, with_labels: bool,
                   mask_fn: MaskFn | None, seed: int) -> dict[str, np.ndarray]:
   global_index = process_index + index * process_count
-  valid = global_index < num_examples
+  record = _read(source, global_index) if global_index < num_examples else None
+  valid = record is not None
   if valid:
-    record = source[global_index]
     image = _resize(_record_image(record), image_size)
   else:
-    record = None
     image = np.zeros((image_size, image_size, channels), np.uint8)
   example = {"image": image, "valid": np.bool_(valid)}
   if with_labels:
@@ -256,8 +312,8 @@ def eval_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int,
   Process p reads examples p, p + P, ... of the first `num_examples` records, each
   resized to image_size x image_size (no augmentation). Every process yields the
   same number of batches, ceil(ceil(num_examples / P) / batch_size); padding
-  examples (zero images, label 0) have valid=False. Iterating again gives the same
-  batches.
+  examples and unreadable records (zero images, label 0) have valid=False.
+  Iterating again gives the same batches.
 
   Args:
     source: random-access records holding 'image': uint8 [H, W, C] (C in (1, 3))
@@ -285,7 +341,7 @@ def eval_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int,
   elif not 1 <= num_examples <= len(source):
     raise ValueError(f"num_examples must be in [1, {len(source)}] (the source's "
                      f"size) or None, got {num_examples}.")
-  first = source[0]
+  first, _ = _SkipUnreadable(source)[0]
   if with_labels and "label" not in first:
     raise ValueError(f"with_labels=True needs records holding 'label'; they hold "
                      f"{sorted(first)}. Pass with_labels=False for unlabelled data.")

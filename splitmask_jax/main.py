@@ -5,25 +5,49 @@ r"""Pre-trains a ViT with SplitMask or BEiT.
 
 A config argument selects a variant: `--config=configs/fashion_mnist.py:beit`.
 Running again with the same workdir resumes from its latest checkpoint.
+
+Exit status: 0 when done; 42 (`preemption.EXIT_CODE`) when a preemption notice
+(SIGTERM) stopped the run after saving its current step: run the same command
+again to resume; 1 on an error (an invalid config, a non-finite loss, ...).
 """
+
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from splitmask_jax import distributed
+from splitmask_jax import preemption
 from splitmask_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
 flags.mark_flags_as_required(["config", "workdir"])
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False,
+    "Resume a workdir whose saved config.json differs from --config on keys that "
+    "change what the run computes (by default such a workdir is refused).")
+# Multi-host runs started by hand or by launch/local.sh; SLURM and Cloud TPU
+# pods are detected from their environment (see distributed.py).
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "HOST:PORT of process 0's coordinator service.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  try:
+    results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                                       allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  except preemption.Preempted as e:
+    logging.warning("%s", e)
+    sys.exit(preemption.EXIT_CODE)
   logging.info("Final: %s", results)
 
 

@@ -1,7 +1,9 @@
 """Where a run's scalars go: clu's writers (TensorBoard + log) and `metrics.jsonl`.
 
 Only process 0 writes. `metrics.jsonl` holds one JSON object per logged step
-(`{"step": ..., "loss": ..., ...}`), easy to read back without TensorBoard.
+(`{"step": ..., "loss": ..., ...}`), easy to read back without TensorBoard. A
+process killed at any moment leaves it readable: records are appended one line
+at a time, a line cut short by the kill is ignored, and rewrites are atomic.
 """
 
 from __future__ import annotations
@@ -30,10 +32,8 @@ class MetricLog:
     if not self._is_writer or not os.path.exists(self._path):
       return
     records = read_metrics(self._path)
-    with open(self._path, "w") as f:
-      for record in records:
-        if record["step"] <= step:
-          f.write(json.dumps(record) + "\n")
+    write_atomically(self._path, "".join(json.dumps(r) + "\n" for r in records
+                                         if r["step"] <= step))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     scalars = {k: float(v) for k, v in scalars.items()}
@@ -50,9 +50,25 @@ class MetricLog:
     self.writer.close()
 
 
+def write_atomically(path: str, text: str) -> None:
+  """Replaces the file `path` by `text`: a crash leaves the old or the new file."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
 def read_metrics(path: str) -> list[dict]:
-  """The records of a `metrics.jsonl` file (a file path or a workdir)."""
+  """The records of a `metrics.jsonl` file (a file path or a workdir).
+
+  A last line without its newline, cut short by a killed writer, is ignored.
+  """
   if os.path.isdir(path):
     path = os.path.join(path, METRICS_FILE)
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = f.read().split("\n")
+  # Every complete record ends with a newline, so the last piece is either ''
+  # or an interrupted write.
+  return [json.loads(line) for line in lines[:-1] if line.strip()]

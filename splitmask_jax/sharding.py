@@ -1,34 +1,87 @@
 """The device mesh and how arrays are laid out on it.
 
-Data parallelism over a `data` mesh axis: batches are split along their first
-dimension, parameters and optimizer state are replicated. The step functions
-are written for global arrays, so the same code runs on one CPU, on N fake CPU
-devices, on a GPU or across hosts; only the mesh changes.
+The mesh has two axes: `data` and `fsdp`. Batches are split along their first
+dimension over both axes, so every device holds a distinct slice of the global
+batch. Parameters, optimizer state and the codebook are sharded over `fsdp`
+(fully sharded data parallelism: each of the `fsdp` devices of a data replica
+holds 1/fsdp of every large array, and XLA gathers weights where a step uses
+them) and replicated over `data`. With `fsdp` = 1 this is plain data
+parallelism. The step functions are written for global arrays, so the same code
+runs on one CPU, on N fake CPU devices, on a GPU or across hosts; only the mesh
+changes.
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
+# Arrays smaller than this many elements stay replicated: gathering a bias or a
+# norm scale costs more in latency than its copies cost in memory.
+MIN_FSDP_SIZE = 2**10
+
+
+def check_mesh_config(mesh_config) -> None:
+  """Raises ValueError unless `mesh_config.data` and `.fsdp` are sizes or -1 (not both)."""
+  for key in ("data", "fsdp"):
+    value = mesh_config[key]
+    if value == 0 or value < -1:
+      raise ValueError(f"config.mesh.{key}={value!r} is invalid: use a positive size "
+                       "or -1 (the rest of the devices).")
+  if mesh_config.data == -1 and mesh_config.fsdp == -1:
+    raise ValueError("config.mesh.data=-1 and config.mesh.fsdp=-1 are invalid together: "
+                     "at most one axis can take the rest of the devices.")
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int]:
+  """(data, fsdp) sizes from `mesh_config.data` and `.fsdp` (-1: the rest).
+
+  The mesh uses the first data * fsdp devices, a divisor of `num_devices`.
+  """
+  check_mesh_config(mesh_config)
+  data, fsdp = mesh_config.data, mesh_config.fsdp
+  if data == -1 or fsdp == -1:
+    known_key, known = ("fsdp", fsdp) if data == -1 else ("data", data)
+    if num_devices % known:
+      raise ValueError(f"config.mesh.{known_key}={known!r} is invalid: it must divide "
+                       f"the {num_devices} devices.")
+    rest = num_devices // known
+    data, fsdp = (rest, fsdp) if data == -1 else (data, rest)
+  if num_devices % (data * fsdp):
+    raise ValueError(
+        f"config.mesh.data={mesh_config.data!r}, config.mesh.fsdp={mesh_config.fsdp!r} "
+        f"are invalid: data * fsdp = {data * fsdp} must divide the {num_devices} devices "
+        "(use -1 on one axis for the rest).")
+  return data, fsdp
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:
-  """A one-axis ('data') mesh over `devices` (default: all devices of all hosts).
+  """A ('data', 'fsdp') mesh over `devices` (default: all devices of all hosts).
 
   Args:
-    mesh_config: has `data`, the number of devices on the data axis, -1 for all.
-    devices: optional explicit device list (tests build 1- and 8-device meshes).
+    mesh_config: has `data` and `fsdp`, the sizes of the two axes; -1 on one of
+      them gives it the rest of the devices.
+    devices: optional explicit device list (tests build meshes over subsets).
+      With several processes the mesh must span every device, so that each
+      process feeds its own devices.
   """
   devices = list(jax.devices() if devices is None else devices)
-  size = len(devices) if mesh_config.data == -1 else mesh_config.data
-  if size <= 0 or size > len(devices) or len(devices) % size:
+  data, fsdp = mesh_shape(mesh_config, len(devices))
+  if jax.process_count() > 1 and data * fsdp != jax.device_count():
     raise ValueError(
-        f"config.mesh.data={mesh_config.data!r} is invalid: {len(devices)} devices "
-        "are available; use -1 (all) or a divisor of the device count.")
-  return Mesh(np.asarray(devices[:size]), (DATA_AXIS,))
+        f"config.mesh.data={mesh_config.data!r}, config.mesh.fsdp={mesh_config.fsdp!r} "
+        f"are invalid with {jax.process_count()} processes: the mesh must span all "
+        f"{jax.device_count()} devices.")
+  # Auto axes: XLA's sharding propagation places the gathers and reductions.
+  return jax.make_mesh((data, fsdp), (DATA_AXIS, FSDP_AXIS),
+                       axis_types=(AxisType.Auto, AxisType.Auto),
+                       devices=devices[:data * fsdp])
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -36,8 +89,38 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dimension split over the data axis."""
-  return NamedSharding(mesh, P(DATA_AXIS))
+  """Leading (batch) dimension split over every device of the mesh."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp_size: int,
+              min_size: int = MIN_FSDP_SIZE) -> P:
+  """Where an array of `shape` is split over the fsdp axis.
+
+  The largest dimension divisible by `fsdp_size` is split (the first of equals);
+  arrays below `min_size` elements, with no divisible dimension, or with an fsdp
+  axis of one device are replicated.
+
+  Args:
+    shape: the array's shape.
+    fsdp_size: devices on the fsdp axis.
+    min_size: the fewest elements an array needs to be split.
+  Returns:
+    a PartitionSpec naming FSDP_AXIS at most once.
+  """
+  if fsdp_size == 1 or math.prod(shape) < min_size:
+    return P()
+  divisible = [i for i, d in enumerate(shape) if d % fsdp_size == 0]
+  if not divisible:
+    return P()
+  dim = max(divisible, key=lambda i: shape[i])
+  return P(*(FSDP_AXIS if i == dim else None for i in range(len(shape))))
+
+
+def fsdp_shardings(tree, mesh: Mesh):
+  """NamedShardings of every array of `tree` (arrays or ShapeDtypeStructs) by `fsdp_spec`."""
+  fsdp_size = mesh.shape[FSDP_AXIS]
+  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp_size)), tree)
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, key: str = "batch_size") -> int:
@@ -59,7 +142,11 @@ def check_batch_size(batch_size: int, mesh: Mesh, key: str = "batch_size") -> in
 
 
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
-  """Assembles this process's share of a batch into global, sharded arrays."""
+  """Assembles this process's share of a batch into global, sharded arrays.
+
+  Each process's rows land on its own devices; the global batch holds every
+  process's rows, in process order when the mesh lists devices in that order.
+  """
   sharding = batch_sharded(mesh)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),

@@ -31,9 +31,13 @@ class TrainState:
 
 def init_train_state(model, optimizer: optax.GradientTransformation, codebook: jax.Array,
                      example_inputs: tuple, rng: jax.Array, mesh: Mesh) -> TrainState:
-  """Initialises the state directly into its (replicated) sharding.
+  """Initialises the state directly into its sharding (see `state_shardings`).
+
+  No device ever holds more than its shard: the initialisation itself is
+  compiled with the sharded outputs.
 
   Args:
+    codebook: float32 [V, d], the same value on every process.
     example_inputs: positional model inputs with a batch of one, used for shapes only.
     rng: the parameter-init key.
   """
@@ -43,12 +47,12 @@ def init_train_state(model, optimizer: optax.GradientTransformation, codebook: j
                       opt_state=optimizer.init(params), codebook=codebook)
 
   abstract = jax.eval_shape(init, rng, codebook)
-  out_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
-  return jax.jit(init, out_shardings=out_shardings)(rng, codebook)
+  return jax.jit(init, out_shardings=state_shardings(abstract, mesh))(rng, codebook)
 
 
-def state_shardings(state: TrainState, mesh: Mesh):
-  return jax.tree.map(lambda _: sharding.replicated(mesh), state)
+def state_shardings(state, mesh: Mesh):
+  """Shardings of a TrainState (or its abstract shapes): large arrays split over 'fsdp'."""
+  return sharding.fsdp_shardings(state, mesh)
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
@@ -60,17 +64,21 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
   donated: the update happens in place.
   """
   base_rng = jax.random.PRNGKey(seed)
+  shardings = state_shardings(state, mesh)
 
   def step(state: TrainState, batch):
     rng = jax.random.fold_in(base_rng, state.step)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (_, metrics), grads = grad_fn(state.params, batch, state.codebook, rng, train=True)
+    # Gradients laid out like the parameters: the batch reduction ends in each
+    # device's shard (a reduce-scatter where the backend forms one) and the
+    # update runs on that shard only.
+    grads = jax.lax.with_sharding_constraint(grads, shardings.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-  shardings = state_shardings(state, mesh)
   return jax.jit(step, in_shardings=(shardings, sharding.batch_sharded(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)),
                  donate_argnums=0)

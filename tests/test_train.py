@@ -1,14 +1,10 @@
 """The training loop: end to end through the CLI, resume, and sharded == single device."""
 
-import gzip
-import importlib.util
-import os
-import pathlib
-import struct
 import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -22,44 +18,7 @@ from splitmask_jax import sharding
 from splitmask_jax import tokenizers
 from splitmask_jax import train
 from splitmask_jax import train_step as train_step_lib
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIG_FILE = ROOT / "configs" / "fashion_mnist.py"
-
-
-def load_config(arg=None):
-  spec = importlib.util.spec_from_file_location("fashion_mnist_config", CONFIG_FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
-def _write_idx(path, array):
-  header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(
-      f">{array.ndim}I", *array.shape)
-  with gzip.open(path, "wb") as f:
-    f.write(header + array.astype(np.uint8).tobytes())
-
-
-def _class_images(rng, labels):
-  """28x28 images whose class decides a bright horizontal band's position."""
-  images = rng.integers(0, 60, size=(len(labels), 28, 28), dtype=np.uint8)
-  for image, label in zip(images, labels):
-    image[2 + 2 * label: 6 + 2 * label, 4:24] = 230
-  return images
-
-
-@pytest.fixture(scope="module")
-def fake_fashion_mnist(tmp_path_factory):
-  """Four Fashion-MNIST-format IDX files (160 train, 80 test images) in a folder."""
-  folder = tmp_path_factory.mktemp("idx")
-  rng = np.random.default_rng(0)
-  for prefix, count in (("train", 160), ("t10k", 80)):
-    labels = np.arange(count) % 10
-    _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", _class_images(rng, labels))
-    _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
-  return folder
-
+from helpers import CONFIG_FILE, ROOT, load_config
 
 def _test_config(fake_dir, data_dir, **overrides):
   config = load_config("test")
@@ -147,9 +106,10 @@ def _random_batch(config, grid, batch_size, seed=0):
   return batch, masks[0]
 
 
-@pytest.mark.parametrize("arg", ["test", "beit,test"])
-def test_eight_devices_equal_one_device(arg):
-  """The same two steps on a 1-device mesh and an 8-device data mesh agree."""
+@pytest.mark.parametrize("arg, data, fsdp", [("test", 8, 1), ("beit,test", 8, 1),
+                                             ("test", 2, 4)])
+def test_sharded_steps_equal_one_device(arg, data, fsdp):
+  """The same two steps on one device and on a (data, fsdp) mesh of 8 devices agree."""
   assert jax.device_count() >= 8, "conftest.py sets 8 fake CPU devices"
   config = load_config(arg)
   config.model.drop_path = 0.1  # exercise the per-sample randomness too
@@ -164,8 +124,9 @@ def test_eight_devices_equal_one_device(arg):
       tokenizers.codebook_dim(config.tokenizer.patch_size, config.model.num_channels))
 
   results = []
-  for devices in (jax.devices()[:1], jax.devices()[:8]):
-    mesh = sharding.make_mesh(config.mesh, devices)
+  for mesh_config in (ml_collections.ConfigDict({"data": 1, "fsdp": 1}),
+                      ml_collections.ConfigDict({"data": data, "fsdp": fsdp})):
+    mesh = sharding.make_mesh(mesh_config)
     state = train_step_lib.init_train_state(
         model, optimizer, codebook, objectives.example_inputs(config, example),
         jax.random.PRNGKey(0), mesh)
@@ -173,12 +134,21 @@ def test_eight_devices_equal_one_device(arg):
     losses = []
     for _ in range(2):
       global_batch = sharding.global_batch(batch, mesh)
-      assert len(global_batch["image"].sharding.device_set) == len(devices)
+      assert len(global_batch["image"].sharding.device_set) == mesh.devices.size
       state, metrics = step(state, global_batch)
       losses.append(float(metrics["loss"]))
-    results.append((losses, jax.device_get(state.params)))
+    results.append((losses, state))
 
-  (losses_1, params_1), (losses_8, params_8) = results
-  np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
+  (losses_1, state_1), (losses_n, state_n) = results
+  np.testing.assert_allclose(losses_n, losses_1, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               params_8, params_1)
+               jax.device_get(state_n.params), jax.device_get(state_1.params))
+  if fsdp > 1:
+    # After the update, a kernel, its AdamW moments and the codebook still hold
+    # 1/fsdp of their elements per device.
+    kernel = state_n.params["params"]["encoder"]["block_0"]["attn"]["qkv"]["kernel"]
+    moments = [x for x in jax.tree.leaves(state_n.opt_state) if x.shape == kernel.shape]
+    assert len(moments) >= 2
+    for x in [kernel, state_n.codebook] + moments:
+      assert x.sharding.spec.count("fsdp") == 1
+      assert x.addressable_shards[0].data.size == x.size // fsdp
