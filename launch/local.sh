@@ -14,9 +14,9 @@
 #   PORT           the coordinator's port (default: a free one).
 #   PYTHON         the interpreter (default: python3 on the PATH).
 # Each process logs to WORKDIR/process_<i>.log; metrics and checkpoints go to
-# WORKDIR as for a one-process run. Prepare the dataset first (a one-process run
-# does it), so that no process reads it while process 0 writes it. If one
-# process fails, the others are stopped and the script exits with its status.
+# WORKDIR as for a one-process run; process 0 prepares the dataset while the
+# others wait. If one process fails, the others are stopped and the script exits
+# with its status.
 set -euo pipefail
 
 if [[ $# -lt 2 ]]; then
