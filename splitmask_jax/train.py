@@ -74,11 +74,17 @@ def _save_config(config, workdir: str, replaced_at_step: int | None) -> None:
   metric_log.write_atomically(path, config.to_json_best_effort(indent=2, sort_keys=True))
 
 
+def _codebook_shape(config) -> tuple[int, int]:
+  """(V, d): visual words and the dimension of a tokenizer patch."""
+  return config.tokenizer.vocab_size, tokenizers.codebook_dim(config.tokenizer.patch_size,
+                                                               config.model.num_channels)
+
+
 def _check_codebook(config, checkpointer: checkpointing.Checkpointer, step: int) -> None:
   """Fails before anything is built if the checkpoint's codebook cannot be restored."""
   tok = config.tokenizer
   saved = checkpointer.saved_shape(step, "codebook")
-  dim = tokenizers.codebook_dim(tok.patch_size, config.model.num_channels)
+  _, dim = _codebook_shape(config)
   where = f"the checkpoint of step {step} in {checkpointer.directory}"
   if saved[0] != tok.vocab_size:
     raise ValueError(
@@ -131,7 +137,7 @@ def _sample_patches(config, source, grid, num_patches: int, seed: int) -> np.nda
 def build_codebook(config, source, grid, key) -> jax.Array:
   """The run's codebook, float32 [V, d], from `config.tokenizer`."""
   tok = config.tokenizer
-  dim = tokenizers.codebook_dim(tok.patch_size, config.model.num_channels)
+  _, dim = _codebook_shape(config)
   patches = None
   if tok.kind != "random_projection":
     num = tok.kmeans_num_patches if tok.kind == "kmeans" else tok.vocab_size
@@ -313,8 +319,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   log = metric_log.MetricLog(workdir)
   if start_step:
     # The checkpoint holds the codebook: no need to rebuild it.
-    codebook = jnp.zeros((config.tokenizer.vocab_size, tokenizers.codebook_dim(
-        config.tokenizer.patch_size, config.model.num_channels)), jnp.float32)
+    codebook = jnp.zeros(_codebook_shape(config), jnp.float32)
   else:
     t0 = time.time()
     codebook = build_codebook(config, train_source, grid, codebook_key)
