@@ -10,11 +10,13 @@ INSTALL_REQUIRES = [
     "flax>=0.10",
     "grain>=0.2.10",
     "jax>=0.6",
+    "matplotlib>=3.7",
     "ml-collections>=1.0",
     "numpy>=1.26",
     "optax>=0.2.4",
     "orbax-checkpoint>=0.11",
     "pillow>=10",
+    "safetensors>=0.4",
     # Preparing a TFDS dataset (PNG-encoding its images) and clu's TensorBoard
     # writer both need TensorFlow; reading prepared ArrayRecord data does not.
     "tensorboard",
@@ -30,6 +32,7 @@ setuptools.setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist", "chex"],
+        "test": ["pytest>=8", "pytest-xdist", "chex", "scikit-learn", "nbclient>=0.10",
+                 "nbformat>=5.9", "ipykernel"],
     },
 )

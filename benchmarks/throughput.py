@@ -121,8 +121,8 @@ def jax_step(config, *, steps: int, warmup: int, trace_dir: str | None = None) -
       model, optimizer, codebook,
       objectives.example_inputs(config, {k: v[0] for k, v in host_batch.items()}),
       jax.random.PRNGKey(0), mesh)
-  step = train_step_lib.make_train_step(loss_fn, optimizer, schedule, config.seed, mesh,
-                                        state)
+  step = train_step_lib.make_train_step(objectives.step_loss(loss_fn), optimizer, schedule,
+                                        config.seed, mesh, state)
   batch = sharding.global_batch(host_batch, mesh)
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()

@@ -18,6 +18,7 @@ import os
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -67,3 +68,60 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def load_arrays(workdir: str, names: tuple[str, ...],
+                step: int | None = None) -> tuple[dict, int]:
+  """Reads parts of the train state saved in another run's workdir, as host arrays.
+
+  For initialising a downstream model from a pre-training run, exporting one or
+  drawing what it learned: the run's own model and optimizer need not be built,
+  and only the named parts are read. Every process reads them whole.
+
+  Args:
+    workdir: a pre-training or fine-tuning workdir (holding `checkpoints/`).
+    names: top-level fields of the saved state, e.g. ('params', 'codebook').
+    step: the step to read; None for the latest.
+
+  Returns:
+    ({name: the saved tree or array, as numpy}, the step read).
+
+  Raises:
+    FileNotFoundError: the workdir holds no checkpoint, or not that step.
+    KeyError: the checkpoint has no such field.
+  """
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{workdir} holds no checkpoints/ folder: pass the workdir of a "
+                            "finished (or checkpointed) run.")
+  # A plain tree reader: no train state to match, every leaf read as numpy.
+  manager = ocp.CheckpointManager(directory,
+                                  item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"{directory} holds no complete checkpoint.")
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise FileNotFoundError(f"{directory} holds no checkpoint of step {step}; it holds "
+                              f"steps {sorted(steps)}.")
+    tree = manager.item_metadata(step)["state"].tree
+    unknown = [name for name in names if name not in tree]
+    if unknown:
+      raise KeyError(f"The checkpoint of step {step} in {directory} has no {unknown}; it "
+                     f"holds {sorted(tree)}.")
+    item = {name: tree[name] for name in names}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True)))["state"]
+  finally:
+    manager.close()
+  return {name: state[name] for name in names}, step
+
+
+def load_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
+  """The flax variables `{'params': ...}` of a run's checkpoint (see `load_arrays`)
+  and the step they were saved at."""
+  arrays, step = load_arrays(workdir, ("params",), step)
+  return arrays["params"], step

@@ -1,9 +1,13 @@
-"""The full pre-training config schema, its paper defaults, and its checks.
+"""The config schemas of the three tasks, their paper defaults, and their checks.
 
-Every config in `configs/` starts from `base_config()` and overrides what its
-dataset needs, so every key a run reads exists here with a documented default.
-The defaults are the paper's ImageNet ViT-B/16 recipe (BEiT's hyper-parameters,
-design.md section 2).
+`config.task` selects what a run does: 'pretrain' (SplitMask or BEiT), 'finetune'
+(supervised fine-tuning of a pre-trained or random-init encoder) or 'probe'
+(linear probes on every block of a frozen encoder). Every config in `configs/`
+starts from `base_config()` (pre-training) or `downstream_config()` (the other
+two) and overrides what its dataset needs, so every key a run reads exists there
+with a documented default. Pre-training defaults are the paper's ImageNet
+ViT-B/16 recipe (BEiT's hyper-parameters), fine-tuning defaults its Table 9
+(design.md section 2).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from ml_collections.config_dict import placeholder
 from splitmask_jax import sharding
 from splitmask_jax.models import vit
 
+TASKS = ("pretrain", "finetune", "probe")
 OBJECTIVES = ("splitmask", "beit")
 TOKENIZERS = ("random_projection", "random_patches", "kmeans")
 MASKINGS = ("block", "uniform")
@@ -26,18 +31,13 @@ DTYPES = ("float32", "bfloat16", "float16")
 def base_config() -> ml_collections.ConfigDict:
   """Returns the default config: SplitMask, ViT-B/16 at 224 px, 300 epochs."""
   c = ml_collections.ConfigDict()
+  c.task = "pretrain"
   c.seed = 0
   # 'splitmask' (split, inpaint, match) or 'beit' ([MASK] tokens, one encoder pass).
   c.objective = "splitmask"
 
-  c.model = ml_collections.ConfigDict()
-  c.model.variant = "B/16"  # a key of vit.VARIANTS, '/', the patch size
-  c.model.image_size = 224
-  c.model.num_channels = 3
+  c.model = _model_group()
   c.model.decoder_depth = 2  # decoder width = encoder width (the paper)
-  c.model.drop_path = 0.1
-  c.model.dtype = "bfloat16"  # compute dtype; parameters stay float32
-  c.model.remat = False
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.kind = "random_projection"
@@ -73,42 +73,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_workers = 8  # grain worker processes per host (0: in-process)
   c.data.prefetch = 2
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.base_lr = 1.5e-3  # at base_batch_size, scaled linearly with the batch
-  c.optim.base_batch_size = 2048
-  c.optim.min_lr = 1e-5
-  c.optim.warmup_epochs = 10.0
-  c.optim.weight_decay = 0.05
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.grad_clip = 3.0
+  c.optim = _optim_group(base_lr=1.5e-3, base_batch_size=2048, min_lr=1e-5,
+                         warmup_epochs=10.0, grad_clip=3.0)
 
   c.batch_size = 2048  # global, over all processes and devices
   c.num_epochs = 300.0
   c.num_steps = placeholder(int)  # overrides num_epochs when set
-
-  c.mesh = ml_collections.ConfigDict()
-  # Batches are split over data x fsdp devices; parameters and optimizer state
-  # are sharded over fsdp (see sharding.py). -1 on one axis: the rest.
-  c.mesh.data = -1  # devices on the data axis
-  c.mesh.fsdp = 1  # devices on the fsdp axis
-
-  c.log_every = 100
+  _add_loop_keys(c)
   c.eval_every = 5000  # held-out MIM loss
   c.eval_batches = 10
-  c.checkpoint_every = 5000
-  c.keep_checkpoints = 2
-  # A non-finite loss or gradient stops the run at the next log step, naming the
-  # step; the checkpoints before it stay. True: such an update is skipped instead
-  # (counted as `skipped_updates`); more than max_consecutive_skips in a row is
-  # applied, and so stops the run.
-  c.skip_nonfinite_updates = False
-  c.max_consecutive_skips = 10
-  # XLA trace of steps start_step + 1 ... start_step + num_steps (0: no trace)
-  # in <workdir>/profile, for TensorBoard's profile plugin or Perfetto.
-  c.profile = ml_collections.ConfigDict()
-  c.profile.start_step = 10
-  c.profile.num_steps = 0
+  # Validation images shown in TensorBoard at every evaluation: what each branch
+  # sees, what it predicts and the target tokens (visualize.py); 0: off.
+  c.summary_images = 8
 
   # k-NN accuracy of the pooled encoder features at the end of a run, beside
   # the same figure for the randomly initialised encoder.
@@ -123,6 +99,136 @@ def base_config() -> ml_collections.ConfigDict:
   c.knn.k = 20
   c.knn.temperature = 0.07
   c.knn.batch_size = 256
+  return c
+
+
+def _model_group() -> ml_collections.ConfigDict:
+  """The encoder keys shared by every task; a downstream run must match its init."""
+  m = ml_collections.ConfigDict()
+  m.variant = "B/16"  # a key of vit.VARIANTS, '/', the patch size
+  m.image_size = 224
+  m.num_channels = 3
+  m.drop_path = 0.1
+  m.dtype = "bfloat16"  # compute dtype; parameters stay float32
+  m.remat = False
+  return m
+
+
+def _optim_group(*, base_lr: float, base_batch_size: int, min_lr: float,
+                 warmup_epochs: float, grad_clip: float | None) -> ml_collections.ConfigDict:
+  """AdamW with linear warmup and cosine decay (optim.py)."""
+  o = ml_collections.ConfigDict()
+  o.base_lr = base_lr  # at base_batch_size, scaled linearly with the batch
+  o.base_batch_size = base_batch_size
+  o.min_lr = min_lr
+  o.warmup_epochs = warmup_epochs
+  o.weight_decay = 0.05
+  o.b1 = 0.9
+  o.b2 = 0.999
+  o.grad_clip = ml_collections.FieldReference(grad_clip, field_type=float)  # None: off
+  return o
+
+
+def _add_loop_keys(c: ml_collections.ConfigDict) -> None:
+  """Device layout, logging, checkpointing and divergence keys of a training loop."""
+  c.mesh = ml_collections.ConfigDict()
+  # Batches are split over data x fsdp devices; parameters and optimizer state
+  # are sharded over fsdp (see sharding.py). -1 on one axis: the rest.
+  c.mesh.data = -1  # devices on the data axis
+  c.mesh.fsdp = 1  # devices on the fsdp axis
+
+  c.log_every = 100
+  c.checkpoint_every = 5000
+  c.keep_checkpoints = 2
+  # A non-finite loss or gradient stops the run at the next log step, naming the
+  # step; the checkpoints before it stay. True: such an update is skipped instead
+  # (counted as `skipped_updates`); more than max_consecutive_skips in a row is
+  # applied, and so stops the run.
+  c.skip_nonfinite_updates = False
+  c.max_consecutive_skips = 10
+  # XLA trace of steps start_step + 1 ... start_step + num_steps (0: no trace)
+  # in <workdir>/profile, for TensorBoard's profile plugin or Perfetto.
+  c.profile = ml_collections.ConfigDict()
+  c.profile.start_step = 10
+  c.profile.num_steps = 0
+
+
+def downstream_config() -> ml_collections.ConfigDict:
+  """The default fine-tuning (and probing) config: Table 9's recipe, ViT-B/16 at 224 px.
+
+  The learning rate and layer decay are the small-dataset column (Cars,
+  DomainNet); the large sets (iNaturalist, Food) use 1.4e-4, no layer decay and
+  repeated augmentation.
+  """
+  c = ml_collections.ConfigDict()
+  c.task = "finetune"  # or 'probe'
+  c.seed = 0
+
+  # The pre-training run whose encoder starts the model; None: random init
+  # (the baseline, through the same code path).
+  c.init = ml_collections.ConfigDict()
+  c.init.workdir = placeholder(str)
+  c.init.step = placeholder(int)  # None: its latest checkpoint
+
+  c.model = _model_group()
+  # BEiT's head initialisation: truncated normal (0.02) scaled by this.
+  c.model.head_init_scale = 0.001
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = "imagenet2012"
+  c.data.data_dir = placeholder(str)
+  c.data.manual_dir = placeholder(str)
+  c.data.train_split = "train"
+  c.data.test_split = "validation"  # top-1 at intervals and at the end
+  # Share of the labelled training examples used, drawn class-balanced with
+  # `label_seed` (the same subset for every seed of an experiment).
+  c.data.train_fraction = 1.0
+  c.data.label_seed = 0
+  c.data.crop_scale = (0.08, 1.0)
+  # Test images: resize to image_size / ratio, then the central image_size crop.
+  c.data.test_crop_ratio = 0.875
+  c.data.num_workers = 8
+  c.data.prefetch = 2
+
+  c.augment = ml_collections.ConfigDict()
+  # RandAugment 'rand-m9-mstd0.5-inc1': ops per image, magnitude (0..10), its std.
+  c.augment.randaugment_ops = 2
+  c.augment.randaugment_magnitude = 9.0
+  c.augment.randaugment_magnitude_std = 0.5
+  # Applied only when RandAugment is off (randaugment_ops = 0), as in timm's
+  # transforms that the paper's (BEiT's) fine-tuning code uses.
+  c.augment.color_jitter = 0.4
+  # Each image appears this many times per epoch, differently augmented, on
+  # different devices (DeiT's repeated augmentation); 1: off.
+  c.augment.repeats = 1
+  c.augment.mixup = 0.8  # Beta(a, a) of mixup; 0: off
+  c.augment.cutmix = 1.0  # Beta(a, a) of cutmix; 0: off
+  c.augment.mix_switch_prob = 0.5  # chance of cutmix when both are on
+  c.augment.label_smoothing = 0.1
+
+  # No gradient clipping, as BEiT's fine-tuning.
+  c.optim = _optim_group(base_lr=4e-3, base_batch_size=1024, min_lr=1e-6, warmup_epochs=5.0,
+                         grad_clip=None)
+  c.optim.layer_decay = 0.65  # per-block learning-rate decay (1: none), see optim.py
+
+  c.batch_size = 1024
+  c.num_epochs = 300.0  # epochs of the (possibly reduced) labelled split
+  c.num_steps = placeholder(int)
+  _add_loop_keys(c)
+  c.eval_every = 5000  # top-1 on the test split
+  c.eval_batch_size = 1024
+
+  # Linear probes on every block (task 'probe'): features of the whole train and
+  # test splits (or their first num_train / num_test images), then one softmax
+  # classifier per block, for the init encoder and, beside it, a random-init one.
+  c.probe = ml_collections.ConfigDict()
+  c.probe.num_train = ml_collections.FieldReference(None, field_type=int)  # None: all
+  c.probe.num_test = ml_collections.FieldReference(None, field_type=int)
+  c.probe.epochs = 30
+  c.probe.batch_size = 1024
+  c.probe.learning_rate = 1e-2
+  c.probe.weight_decay = 1e-4
+  c.probe.random_init_baseline = True
   return c
 
 
@@ -147,10 +253,19 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
   return flat
 
 
+def schema_of(config) -> ml_collections.ConfigDict:
+  """The default config of `config.task`, which fixes the keys the config must hold."""
+  task = config.get("task")
+  if task not in TASKS:
+    _fail("task", task, f"allowed values are {TASKS}")
+  return base_config() if task == "pretrain" else downstream_config()
+
+
 def _check_schema(config) -> None:
-  """Raises for a key that `base_config()` lacks (a typo in a config file), naming
+  """Raises for a key that the task's schema lacks (a typo in a config file), naming
   the keys allowed at its level, and for a key of the schema the config lacks."""
-  schema, keys = set(_flatten(base_config().to_dict())), set(_flatten(config.to_dict()))
+  root = "base_config()" if config.get("task") == "pretrain" else "downstream_config()"
+  schema, keys = set(_flatten(schema_of(config).to_dict())), set(_flatten(config.to_dict()))
   groups = {k.rsplit(".", 1)[0] for k in schema if "." in k}
   for key in sorted(keys - schema):
     parts = key.split(".")
@@ -162,12 +277,12 @@ def _check_schema(config) -> None:
                        for k in schema if not parent or k.startswith(parent + ".")})
     where = f"in config.{parent}" if parent else "at the top level"
     raise ValueError(f"config.{'.'.join(parts[:depth])} is not a key of the config "
-                     f"schema (config_base.base_config()): allowed keys {where} are "
+                     f"schema (config_base.{root}): allowed keys {where} are "
                      f"{siblings}.")
   missing = sorted(schema - keys)
   if missing:
     raise ValueError(f"config lacks the keys {missing}: start config files from "
-                     "config_base.base_config().")
+                     f"config_base.{root}.")
 
 
 def validate_config(config) -> None:
@@ -176,19 +291,58 @@ def validate_config(config) -> None:
   Runs before anything is compiled or read, so a typo costs seconds.
   """
   _check_schema(config)
-  if config.objective not in OBJECTIVES:
-    _fail("objective", config.objective, f"allowed values are {OBJECTIVES}")
+  _check_model(config.model)
+  _check_loop(config)
+  if config.task == "pretrain":
+    _check_pretrain(config)
+  else:
+    _check_downstream(config)
+
+
+def _check_model(model) -> None:
   try:
-    _, patch = vit.parse_variant(config.model.variant)
+    _, patch = vit.parse_variant(model.variant)
   except ValueError as e:
     raise ValueError(f"config.model.variant: {e}") from None
-  if config.model.image_size <= 0 or config.model.image_size % patch:
-    _fail("model.image_size", config.model.image_size,
+  if model.image_size <= 0 or model.image_size % patch:
+    _fail("model.image_size", model.image_size,
           f"it must be a positive multiple of the patch size {patch}")
-  if config.model.dtype not in DTYPES:
-    _fail("model.dtype", config.model.dtype, f"allowed values are {DTYPES}")
-  if config.model.num_channels not in (1, 3):
-    _fail("model.num_channels", config.model.num_channels, "allowed values are 1 and 3")
+  if model.dtype not in DTYPES:
+    _fail("model.dtype", model.dtype, f"allowed values are {DTYPES}")
+  if model.num_channels not in (1, 3):
+    _fail("model.num_channels", model.num_channels, "allowed values are 1 and 3")
+  if not 0 <= model.drop_path < 1:
+    _fail("model.drop_path", model.drop_path, "it must lie in [0, 1)")
+
+
+def _check_loop(config) -> None:
+  """The keys every training loop reads: batch, length, optimizer, mesh, intervals."""
+  if config.batch_size <= 0:
+    _fail("batch_size", config.batch_size, "it must be positive")
+  if config.num_steps is None and not config.num_epochs > 0:
+    _fail("num_epochs", config.num_epochs, "it must be positive (or set num_steps)")
+  if config.num_steps is not None and config.num_steps <= 0:
+    _fail("num_steps", config.num_steps, "it must be positive")
+  if config.optim.grad_clip is not None and config.optim.grad_clip <= 0:
+    _fail("optim.grad_clip", config.optim.grad_clip, "it must be positive (or None: off)")
+  lo, hi = config.data.crop_scale
+  if not 0 < lo <= hi <= 1:
+    _fail("data.crop_scale", config.data.crop_scale, "it needs 0 < min <= max <= 1")
+  sharding.check_mesh_config(config.mesh)
+  if config.profile.start_step < 1:
+    _fail("profile.start_step", config.profile.start_step,
+          "it must be >= 1 (the first step compiles)")
+  if config.profile.num_steps < 0:
+    _fail("profile.num_steps", config.profile.num_steps, "it must be >= 0 (0: off)")
+  for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+              "max_consecutive_skips"):
+    if config[key] <= 0:
+      _fail(key, config[key], "it must be positive")
+
+
+def _check_pretrain(config) -> None:
+  if config.objective not in OBJECTIVES:
+    _fail("objective", config.objective, f"allowed values are {OBJECTIVES}")
   if config.tokenizer.kind not in TOKENIZERS:
     _fail("tokenizer.kind", config.tokenizer.kind, f"allowed values are {TOKENIZERS}")
   if config.tokenizer.vocab_size < 2:
@@ -207,25 +361,45 @@ def validate_config(config) -> None:
     _fail("loss", "inpaint=False, match=False", "enable inpaint, match or both")
   if config.loss.temperature <= 0:
     _fail("loss.temperature", config.loss.temperature, "it must be positive")
-  if config.batch_size <= 0:
-    _fail("batch_size", config.batch_size, "it must be positive")
-  if config.num_steps is None and not config.num_epochs > 0:
-    _fail("num_epochs", config.num_epochs, "it must be positive (or set num_steps)")
-  if config.num_steps is not None and config.num_steps <= 0:
-    _fail("num_steps", config.num_steps, "it must be positive")
-  lo, hi = config.data.crop_scale
-  if not 0 < lo <= hi <= 1:
-    _fail("data.crop_scale", config.data.crop_scale, "it needs 0 < min <= max <= 1")
-  sharding.check_mesh_config(config.mesh)
-  if config.profile.start_step < 1:
-    _fail("profile.start_step", config.profile.start_step,
-          "it must be >= 1 (the first step compiles)")
-  if config.profile.num_steps < 0:
-    _fail("profile.num_steps", config.profile.num_steps, "it must be >= 0 (0: off)")
-  for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-              "max_consecutive_skips"):
-    if config[key] <= 0:
-      _fail(key, config[key], "it must be positive")
+  if config.summary_images < 0:
+    _fail("summary_images", config.summary_images, "it must be >= 0 (0: off)")
+
+
+def _check_downstream(config) -> None:
+  data, aug = config.data, config.augment
+  if not 0 < data.train_fraction <= 1:
+    _fail("data.train_fraction", data.train_fraction, "it must lie in (0, 1]")
+  if not 0 < data.test_crop_ratio <= 1:
+    _fail("data.test_crop_ratio", data.test_crop_ratio, "it must lie in (0, 1]")
+  if aug.randaugment_ops < 0:
+    _fail("augment.randaugment_ops", aug.randaugment_ops, "it must be >= 0 (0: off)")
+  if not 0 <= aug.randaugment_magnitude <= 10:
+    _fail("augment.randaugment_magnitude", aug.randaugment_magnitude, "it must lie in [0, 10]")
+  if aug.randaugment_magnitude_std < 0:
+    _fail("augment.randaugment_magnitude_std", aug.randaugment_magnitude_std,
+          "it must be >= 0")
+  if aug.color_jitter < 0:
+    _fail("augment.color_jitter", aug.color_jitter, "it must be >= 0 (0: off)")
+  if aug.repeats < 1:
+    _fail("augment.repeats", aug.repeats, "it must be >= 1 (1: off)")
+  for key in ("mixup", "cutmix"):
+    if aug[key] < 0:
+      _fail(f"augment.{key}", aug[key], "it must be >= 0 (0: off)")
+  if not 0 <= aug.mix_switch_prob <= 1:
+    _fail("augment.mix_switch_prob", aug.mix_switch_prob, "it must lie in [0, 1]")
+  if not 0 <= aug.label_smoothing < 1:
+    _fail("augment.label_smoothing", aug.label_smoothing, "it must lie in [0, 1)")
+  if not 0 < config.optim.layer_decay <= 1:
+    _fail("optim.layer_decay", config.optim.layer_decay, "it must lie in (0, 1] (1: none)")
+  if config.eval_batch_size <= 0:
+    _fail("eval_batch_size", config.eval_batch_size, "it must be positive")
+  probe = config.probe
+  for key in ("epochs", "batch_size"):
+    if probe[key] <= 0:
+      _fail(f"probe.{key}", probe[key], "it must be positive")
+  for key in ("num_train", "num_test"):
+    if probe[key] is not None and probe[key] <= 0:
+      _fail(f"probe.{key}", probe[key], "it must be positive (or None: all)")
 
 
 # Keys that may differ between a run and its resumption: they say where the data
@@ -233,9 +407,10 @@ def validate_config(config) -> None:
 # is laid out on devices, what happens to non-finite updates and how the end
 # evaluation runs, but not what the run computes. A trailing '.' covers a group.
 RESUMABLE_KEYS = ("data.data_dir", "data.manual_dir", "data.num_workers", "data.prefetch",
-                  "log_every", "eval_every", "eval_batches", "checkpoint_every",
+                  "log_every", "eval_every", "eval_batches", "eval_batch_size", "summary_images",
+                  "checkpoint_every",
                   "keep_checkpoints", "skip_nonfinite_updates", "max_consecutive_skips",
-                  "mesh.", "profile.", "knn.")
+                  "mesh.", "profile.", "knn.", "probe.")
 _ABSENT = "<absent>"
 
 

@@ -274,7 +274,12 @@ def prepare_dataset(name: str, data_dir: str, manual_dir: str | None = None, *,
   raise DatasetNotPreparedError(_fashion_mnist_message(data_dir, source_dir, reason))
 
 
-def _prepared_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+def prepared_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+  """The TFDS builder of a dataset prepared as ArrayRecord.
+
+  Raises:
+    DatasetNotPreparedError: it is not, with a message saying how to get it.
+  """
   builder = tfds.builder(name, data_dir=data_dir)
   if not builder.is_prepared():
     if builder.name == FASHION_MNIST:
@@ -302,7 +307,7 @@ def load_source(name: str, split: str, data_dir: str) -> Sequence[dict[str, Any]
   Raises:
     DatasetNotPreparedError: the dataset is not prepared as ArrayRecord.
   """
-  return _prepared_builder(name, data_dir).as_data_source(split=split)
+  return prepared_builder(name, data_dir).as_data_source(split=split)
 
 
 def dataset_info(name: str, data_dir: str) -> DatasetInfo:
@@ -312,7 +317,7 @@ def dataset_info(name: str, data_dir: str) -> DatasetInfo:
     DatasetNotPreparedError: the dataset is not prepared as ArrayRecord.
     ValueError: the dataset has no 'image' feature.
   """
-  info = _prepared_builder(name, data_dir).info
+  info = prepared_builder(name, data_dir).info
   features: Mapping[str, Any] = info.features
   if "image" not in features:
     raise ValueError(f"TFDS dataset {name!r} has no 'image' feature; its features "

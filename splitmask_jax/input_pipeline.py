@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +28,8 @@ from absl import logging
 from PIL import Image
 
 MaskFn = Callable[[np.random.Generator], dict[str, np.ndarray]]
+# One uint8 [H, W, C] image and a generator in, the augmented image out.
+ImageAugmentFn = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 # Bicubic as in BEiT's pre-training crop.
 _RESAMPLE = Image.Resampling.BICUBIC
@@ -253,6 +256,17 @@ def pretrain_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int,
     the stream.
   """
   _check_common(source, batch_size, image_size, process_index, process_count, seed)
+  _check_stream_args(crop_scale, crop_ratio, num_workers, prefetch_buffer)
+  example_fn = functools.partial(
+      _pretrain_example, image_size=image_size, crop_scale=tuple(crop_scale),
+      crop_ratio=tuple(crop_ratio), mask_fn=mask_fn, count_skipped=count_skipped)
+  return _batched_stream(_shuffled_records(source, seed, repeats=1), example_fn,
+                         batch_size=batch_size, process_index=process_index,
+                         process_count=process_count, num_workers=num_workers,
+                         prefetch_buffer=prefetch_buffer)
+
+
+def _check_stream_args(crop_scale, crop_ratio, num_workers, prefetch_buffer) -> None:
   if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
     raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {crop_scale}.")
   if not 0 < crop_ratio[0] <= crop_ratio[1]:
@@ -262,13 +276,42 @@ def pretrain_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int,
   if prefetch_buffer < 1:
     raise ValueError(f"prefetch_buffer must be >= 1, got {prefetch_buffer}.")
 
-  example_fn = functools.partial(
-      _pretrain_example, image_size=image_size, crop_scale=tuple(crop_scale),
-      crop_ratio=tuple(crop_ratio), mask_fn=mask_fn, count_skipped=count_skipped)
+
+class _RepeatedRecords(grain.MapDataset):
+  """Each epoch of `parent` (an endlessly reshuffled source of `size` records) with
+  its first size / repeats records each taken `repeats` times in a row.
+
+  An epoch keeps its length, so schedules in epochs mean the same number of
+  updates with or without repetition (DeiT's repeated-augmentation sampler).
+  """
+
+  def __init__(self, parent: grain.MapDataset, size: int, repeats: int):
+    super().__init__(parent)
+    self._size, self._repeats = size, repeats
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    epoch, position = divmod(index, self._size)
+    return self._parent[epoch * self._size + position // self._repeats]
+
+
+def _shuffled_records(source: Sequence[Any], seed: int, repeats: int) -> grain.MapDataset:
+  """The endless global stream of (record, skipped) pairs, reshuffled every epoch."""
   ds = grain.MapDataset.source(_SkipUnreadable(source)).seed(seed).shuffle().repeat()
+  return ds if repeats == 1 else _RepeatedRecords(ds, len(source), repeats)
+
+
+def _batched_stream(records: grain.MapDataset, example_fn, *, batch_size: int,
+                    process_index: int, process_count: int, num_workers: int,
+                    prefetch_buffer: int) -> grain.IterDataset:
+  """Augments the global stream, takes this process's share, batches, prefetches."""
   # Random draws before sharding: an element's generator follows from its
   # position in the global stream, not from the process that reads it.
-  ds = ds.random_map(example_fn)
+  ds = records.random_map(example_fn)
   ds = ds[process_index::process_count]
   # Batching before the worker split keeps every batch identical for any number
   # of workers: worker w computes whole batches w, w + W, ...
@@ -281,15 +324,78 @@ def pretrain_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int,
   return it_ds
 
 
+def _finetune_example(item: tuple[Mapping[str, Any], int], rng: np.random.Generator, *,
+                      image_size: int, crop_scale: tuple[float, float],
+                      crop_ratio: tuple[float, float],
+                      augment_fn: ImageAugmentFn | None) -> dict[str, np.ndarray]:
+  record, skipped = item
+  if "label" not in record:
+    raise ValueError(f"fine-tuning records must hold a 'label'; they hold {sorted(record)}.")
+  image = augment(_record_image(record), rng, image_size=image_size, crop_scale=crop_scale,
+                  crop_ratio=crop_ratio)
+  if augment_fn is not None:
+    image = augment_fn(image, rng)
+  return {"image": image, "label": np.int32(record["label"]), SKIPPED_KEY: np.int32(skipped)}
+
+
+def finetune_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int,
+                     image_size: int, crop_scale: tuple[float, float] = (0.08, 1.0),
+                     crop_ratio: tuple[float, float] = DEFAULT_CROP_RATIO,
+                     augment_fn: ImageAugmentFn | None = None, repeats: int = 1,
+                     seed: int, process_index: int = 0, process_count: int = 1,
+                     num_workers: int = 0, prefetch_buffer: int = 2) -> grain.IterDataset:
+  """Infinite stream of augmented, labelled fine-tuning batches for one process.
+
+  The same global stream, sharding, determinism and unreadable-record handling
+  as `pretrain_dataset`; each image is random-resized-cropped and flipped, then
+  passed through `augment_fn`. Mixup and cutmix act on whole batches on the device
+  (mixing.py).
+
+  Args:
+    source: random-access records holding 'image' uint8 [H, W, C] and 'label'.
+    augment_fn: `(image, rng) -> image` after the crop and flip (RandAugment or
+      colour jitter), or None.
+    repeats: each record appears this many times in a row in the global stream,
+      differently augmented, so on different processes (repeated augmentation);
+      an epoch keeps len(source) examples.
+    Others: as `pretrain_dataset`.
+
+  Returns:
+    grain IterDataset of dicts: 'image' uint8 [batch_size, image_size,
+    image_size, C], 'label' int32 [batch_size], SKIPPED_KEY int32 [batch_size].
+  """
+  _check_common(source, batch_size, image_size, process_index, process_count, seed)
+  _check_stream_args(crop_scale, crop_ratio, num_workers, prefetch_buffer)
+  if repeats < 1:
+    raise ValueError(f"repeats must be >= 1, got {repeats}.")
+  example_fn = functools.partial(
+      _finetune_example, image_size=image_size, crop_scale=tuple(crop_scale),
+      crop_ratio=tuple(crop_ratio), augment_fn=augment_fn)
+  return _batched_stream(_shuffled_records(source, seed, repeats), example_fn,
+                         batch_size=batch_size, process_index=process_index,
+                         process_count=process_count, num_workers=num_workers,
+                         prefetch_buffer=prefetch_buffer)
+
+
 def _eval_example(index: int, *, source: Sequence[Mapping[str, Any]],
                   num_examples: int, process_index: int, process_count: int,
                   image_size: int, channels: int, with_labels: bool,
-                  mask_fn: MaskFn | None, seed: int) -> dict[str, np.ndarray]:
+                  mask_fn: MaskFn | None, seed: int,
+                  center_crop: float | None) -> dict[str, np.ndarray]:
   global_index = process_index + index * process_count
   record = _read(source, global_index) if global_index < num_examples else None
   valid = record is not None
   if valid:
-    image = _resize(_record_image(record), image_size)
+    image = _record_image(record)
+    box = None
+    if center_crop is not None:
+      # Resizing the short side to image_size / center_crop and cropping the
+      # central image_size square, in one resampling of the matching source box.
+      height, width = image.shape[:2]
+      side = max(1, round(min(height, width) * center_crop))
+      top, left = (height - side) // 2, (width - side) // 2
+      box = (left, top, left + side, top + side)
+    image = _resize(image, image_size, box=box)
   else:
     image = np.zeros((image_size, image_size, channels), np.uint8)
   example = {"image": image, "valid": np.bool_(valid)}
@@ -305,12 +411,13 @@ def _eval_example(index: int, *, source: Sequence[Mapping[str, Any]],
 def eval_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int,
                  image_size: int, process_index: int = 0, process_count: int = 1,
                  mask_fn: MaskFn | None = None, seed: int = 0,
-                 num_examples: int | None = None,
-                 with_labels: bool = True) -> grain.IterDataset:
+                 num_examples: int | None = None, with_labels: bool = True,
+                 center_crop: float | None = None) -> grain.IterDataset:
   """Finite, deterministic evaluation batches for one process, padded to batch_size.
 
   Process p reads examples p, p + P, ... of the first `num_examples` records, each
-  resized to image_size x image_size (no augmentation). Every process yields the
+  resized to image_size x image_size, or its central square crop with
+  `center_crop` (no augmentation). Every process yields the
   same number of batches, ceil(ceil(num_examples / P) / batch_size); padding
   examples and unreadable records (zero images, label 0) have valid=False.
   Iterating again gives the same batches.
@@ -326,6 +433,9 @@ def eval_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int,
     seed: seed of the masks.
     num_examples: use only the first num_examples records (default: all).
     with_labels: whether batches carry 'label'.
+    center_crop: None resizes the whole image; a ratio r in (0, 1] resizes the
+      central square of side r * (short side), the test crop ratio of
+      fine-tuning (0.875: resize to image_size / 0.875, crop image_size).
 
   Returns:
     grain IterDataset of dicts: 'image' uint8 [batch_size, image_size, image_size,
@@ -336,6 +446,8 @@ def eval_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int,
     ValueError: bad arguments, or with_labels and records without 'label'.
   """
   _check_common(source, batch_size, image_size, process_index, process_count, seed)
+  if center_crop is not None and not 0 < center_crop <= 1:
+    raise ValueError(f"center_crop must be in (0, 1] or None, got {center_crop}.")
   if num_examples is None:
     num_examples = len(source)
   elif not 1 <= num_examples <= len(source):
@@ -352,7 +464,7 @@ def eval_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int,
       _eval_example, source=source, num_examples=num_examples,
       process_index=process_index, process_count=process_count,
       image_size=image_size, channels=channels, with_labels=with_labels,
-      mask_fn=mask_fn, seed=seed)
+      mask_fn=mask_fn, seed=seed, center_crop=center_crop)
   ds = grain.MapDataset.range(num_batches * batch_size).map(example_fn)
   ds = ds.batch(batch_size, drop_remainder=True)
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))

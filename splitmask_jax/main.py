@@ -1,10 +1,14 @@
-r"""Pre-trains a ViT with SplitMask or BEiT.
+r"""Pre-trains a ViT with SplitMask or BEiT, fine-tunes it, or probes its blocks.
 
   python -m splitmask_jax.main --config=configs/fashion_mnist.py --workdir=DIR \
       [--config.key=value ...]
+  python -m splitmask_jax.main --config=configs/fashion_mnist_finetune.py \
+      --config.init.workdir=DIR --workdir=FT_DIR
 
-A config argument selects a variant: `--config=configs/fashion_mnist.py:beit`.
-Running again with the same workdir resumes from its latest checkpoint.
+`config.task` says which: 'pretrain' (train.py), 'finetune' (finetune.py) or
+'probe' (probe.py). A config argument selects a variant:
+`--config=configs/fashion_mnist.py:beit`. Running again with the same workdir
+resumes from its latest checkpoint.
 
 Exit status: 0 when done; 42 (`preemption.EXIT_CODE`) when a preemption notice
 (SIGTERM) stopped the run after saving its current step: run the same command
@@ -18,8 +22,11 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from splitmask_jax import config_base
 from splitmask_jax import distributed
+from splitmask_jax import finetune
 from splitmask_jax import preemption
+from splitmask_jax import probe
 from splitmask_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
@@ -38,13 +45,23 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the r
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
+def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
+  """Runs `config.task` in `workdir`; returns its final values."""
+  config_base.schema_of(config)  # raises for an unknown task
+  if config.task == "probe":
+    return probe.probe_blocks(config, workdir)
+  run_task = train.train_and_evaluate if config.task == "pretrain" else (
+      finetune.finetune_and_evaluate)
+  return run_task(config, workdir, allow_config_change=allow_config_change)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
-    results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
-                                       allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    results = run(_CONFIG.value, _WORKDIR.value,
+                  allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except preemption.Preempted as e:
     logging.warning("%s", e)
     sys.exit(preemption.EXIT_CODE)

@@ -104,6 +104,14 @@ def build_model(config, grid: tuple[int, int]):
   return pretrain.SplitMaskModel(decoder_depth=config.model.decoder_depth, **common)
 
 
+def step_loss(loss_fn: LossFn):
+  """The train step's form of a loss: `(params, state, batch, rng, *, train)`,
+  reading the codebook from the train state."""
+  def loss(params, state, batch, rng, *, train: bool):
+    return loss_fn(params, batch, state.codebook, rng, train=train)
+  return loss
+
+
 def build_loss_fn(config, model, grid: tuple[int, int]) -> LossFn:
   """`loss_fn(params, batch, codebook, rng, train=...) -> (loss, metrics)`."""
   common = dict(model=model, grid=grid, token_patch=config.tokenizer.patch_size)

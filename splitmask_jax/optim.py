@@ -1,6 +1,9 @@
-"""AdamW with linear warmup, cosine decay, decay masking and gradient clipping."""
+"""AdamW with linear warmup, cosine decay, decay masking, gradient clipping and
+layer-wise learning-rate decay."""
 
 from __future__ import annotations
+
+import re
 
 import jax
 import optax
@@ -37,10 +40,57 @@ def learning_rate_schedule(optim_config, batch_size: int, total_steps: int,
       end_value=min(optim_config.min_lr, peak))
 
 
-def make_optimizer(optim_config, schedule: optax.Schedule) -> optax.GradientTransformation:
-  """Gradient clipping by global norm, then AdamW with the decay mask."""
-  return optax.chain(
-      optax.clip_by_global_norm(optim_config.grad_clip),
-      optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2,
-                  weight_decay=optim_config.weight_decay, mask=decay_mask),
-  )
+_BLOCK = re.compile(r"block_(\d+)")
+
+
+def layer_id(path: tuple[str, ...], depth: int) -> int:
+  """BEiT's layer index of an encoder parameter, from its path of names.
+
+  0: the patch embedding and position / mask embeddings; i + 1: block i;
+  depth + 1: everything above the blocks (the final norm, the head).
+  """
+  if "encoder" not in path:
+    return depth + 1
+  for name in path:
+    match = _BLOCK.fullmatch(name)
+    if match:
+      return int(match.group(1)) + 1
+  if path[-1] in ("pos_embedding", "mask_token") or "embedding" in path:
+    return 0
+  return depth + 1
+
+
+def layer_decay_multipliers(params, depth: int, decay: float):
+  """A pytree of floats: the learning-rate multiplier of each parameter.
+
+  A parameter of layer l (see `layer_id`) learns at decay ** (depth + 1 - l)
+  times the rate: the head at the full rate, each block below at `decay` times
+  the one above (BEiT's layer-wise decay; 1.0 gives all ones).
+  """
+  def multiplier(path, _):
+    names = tuple(str(getattr(k, "key", k)) for k in path)
+    return float(decay ** (depth + 1 - layer_id(names, depth)))
+  return jax.tree_util.tree_map_with_path(multiplier, params)
+
+
+def make_optimizer(optim_config, schedule: optax.Schedule, *,
+                   lr_multipliers=None) -> optax.GradientTransformation:
+  """Gradient clipping by global norm (unless grad_clip is None), AdamW with the
+  decay mask, then per-parameter learning-rate multipliers.
+
+  Scaling AdamW's final update scales its weight decay with it, as the
+  per-group learning rates of PyTorch's AdamW do.
+
+  Args:
+    lr_multipliers: a pytree like the parameters (`layer_decay_multipliers`),
+      or None for one rate.
+  """
+  parts = []
+  if optim_config.grad_clip is not None:
+    parts.append(optax.clip_by_global_norm(optim_config.grad_clip))
+  parts.append(optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2,
+                           weight_decay=optim_config.weight_decay, mask=decay_mask))
+  if lr_multipliers is not None:
+    parts.append(optax.stateless(
+        lambda updates, _: jax.tree.map(lambda u, m: u * m, updates, lr_multipliers)))
+  return optax.chain(*parts)

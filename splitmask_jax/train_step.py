@@ -12,8 +12,9 @@ from jax.sharding import Mesh
 
 from splitmask_jax import sharding
 
-# `(params, batch, codebook, rng, train=...) -> (loss, metrics)`, see objectives.py.
-LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+# `(params, state, batch, rng, *, train) -> (loss, metrics)`: the state supplies
+# what the loss reads besides the parameters (the pre-training codebook).
+StepLossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
 @flax.struct.dataclass
@@ -55,9 +56,12 @@ def state_shardings(state, mesh: Mesh):
   return sharding.fsdp_shardings(state, mesh)
 
 
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, seed: int, mesh: Mesh, state: TrainState):
+def make_train_step(loss_fn: StepLossFn, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, seed: int, mesh: Mesh, state):
   """Returns the jitted `(state, batch) -> (state, metrics)`.
+
+  `state` is a TrainState or any flax dataclass with `step`, `params` and
+  `opt_state` (the fine-tuning state); it fixes the shardings.
 
   The dropout / drop-path key of step s is `fold_in(key(seed), s)`, so a
   resumed run draws the same randomness as an unbroken one. The state buffer is
@@ -69,7 +73,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
   def step(state: TrainState, batch):
     rng = jax.random.fold_in(base_rng, state.step)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (_, metrics), grads = grad_fn(state.params, batch, state.codebook, rng, train=True)
+    (_, metrics), grads = grad_fn(state.params, state, batch, rng, train=True)
     # Gradients laid out like the parameters: the batch reduction ends in each
     # device's shard (a reduce-scatter where the backend forms one) and the
     # update runs on that shard only.
@@ -84,11 +88,10 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                  donate_argnums=0)
 
 
-def make_eval_step(loss_fn: LossFn, mesh: Mesh, state: TrainState):
+def make_eval_step(loss_fn: StepLossFn, mesh: Mesh, state: TrainState):
   """Returns the jitted `(state, batch) -> metrics` (no dropout, no update)."""
   def step(state: TrainState, batch):
-    _, metrics = loss_fn(state.params, batch, state.codebook, jax.random.PRNGKey(0),
-                         train=False)
+    _, metrics = loss_fn(state.params, state, batch, jax.random.PRNGKey(0), train=False)
     return metrics
 
   return jax.jit(step, in_shardings=(state_shardings(state, mesh),

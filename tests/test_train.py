@@ -130,7 +130,8 @@ def test_sharded_steps_equal_one_device(arg, data, fsdp):
     state = train_step_lib.init_train_state(
         model, optimizer, codebook, objectives.example_inputs(config, example),
         jax.random.PRNGKey(0), mesh)
-    step = train_step_lib.make_train_step(loss_fn, optimizer, schedule, 0, mesh, state)
+    step = train_step_lib.make_train_step(objectives.step_loss(loss_fn), optimizer, schedule,
+                                          0, mesh, state)
     losses = []
     for _ in range(2):
       global_batch = sharding.global_batch(batch, mesh)

@@ -1,0 +1,78 @@
+"""The downstream image classifier: the pre-trained ViT encoder and a linear head.
+
+Its encoder is the submodule `encoder`, with the same parameter names as the
+pre-training models' encoder, so a pre-trained encoder loads into it unchanged
+(see `finetune.load_pretrained_encoder`). The head reads the average of the
+encoder's normalised tokens, the features the k-NN evaluation and the match
+loss use, so nothing new sits between the encoder and the head.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from splitmask_jax.models.vit import Encoder, pooled_features
+
+Dtype = Any
+
+
+class Classifier(nn.Module):
+  """ViT encoder, average pooling, linear head: images [B, H, W, C] -> logits [B, K].
+
+  Attributes:
+    width, depth, num_heads, mlp_dim: encoder size (see VARIANTS).
+    patch_size, grid: patch side in pixels and (gh, gw) patch grid.
+    num_classes: K.
+    drop_path_rate: stochastic depth of the last block (linear from 0 over depth).
+    head_init_scale: the head's kernel is truncated normal (std 0.02) times this
+      (BEiT's 0.001), so fine-tuning starts from near-uniform predictions.
+    remat: rematerialise every block in the backward pass.
+  """
+
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  patch_size: int
+  grid: tuple[int, int]
+  num_classes: int
+  drop_path_rate: float = 0.0
+  head_init_scale: float = 0.001
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  def setup(self):
+    self.encoder = Encoder(width=self.width,
+                           depth=self.depth,
+                           num_heads=self.num_heads,
+                           mlp_dim=self.mlp_dim,
+                           patch_size=self.patch_size,
+                           grid=self.grid,
+                           drop_path_rate=self.drop_path_rate,
+                           dtype=self.dtype,
+                           param_dtype=self.param_dtype,
+                           remat=self.remat)
+    scale = self.head_init_scale
+
+    def head_init(key, shape, dtype=jnp.float32):
+      return scale * nn.initializers.truncated_normal(stddev=0.02)(key, shape, dtype)
+
+    self.head = nn.Dense(self.num_classes, kernel_init=head_init, dtype=self.dtype,
+                         param_dtype=self.param_dtype)
+
+  def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
+    """Class logits, float32 [B, num_classes], of float images [B, H, W, C] in [-1, 1]."""
+    tokens, _ = self.encoder(images, train=train)
+    return self.head(pooled_features(tokens).astype(self.dtype)).astype(jnp.float32)
+
+  def block_features(self, images: jax.Array) -> jax.Array:
+    """Average-pooled output of every block, float32 [B, depth, width] (no dropout).
+
+    Block k's features are its raw output (before the final LayerNorm), the
+    representation a linear probe at depth k reads (the paper's Figure 5).
+    """
+    _, aux = self.encoder(images, train=False)
+    return jnp.stack([pooled_features(x) for x in aux["block_outputs"]], axis=1)
