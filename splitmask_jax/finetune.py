@@ -153,18 +153,22 @@ def _place(tree, shardings):
       tree, shardings)
 
 
-def init_classifier_state(model, optimizer: optax.GradientTransformation,
-                          example_images: jax.Array, rng: jax.Array, mesh,
-                          pretrained: dict | None) -> ClassifierState:
+def classifier_init_fn(model, config):
+  """`rng -> variables`: the classifier's random initialisation at config.model's
+  input shape (a batch of one zero image)."""
+  size = config.model.image_size
+  images = jnp.zeros((1, size, size, config.model.num_channels), jnp.float32)
+  return lambda rng: model.init({"params": rng, "dropout": rng}, images, train=False)
+
+
+def init_classifier_state(init_params, optimizer: optax.GradientTransformation,
+                          rng: jax.Array, mesh, pretrained: dict | None) -> ClassifierState:
   """The initial state, sharded like pre-training's (large arrays over 'fsdp').
 
   Args:
-    example_images: float [1, H, W, C], for shapes only.
+    init_params: `rng -> variables` (`classifier_init_fn`).
     pretrained: a run's variables whose encoder replaces the random one, or None.
   """
-  def init_params(rng):
-    return model.init({"params": rng, "dropout": rng}, example_images, train=False)
-
   param_shardings = sharding.fsdp_shardings(jax.eval_shape(init_params, rng), mesh)
   params = jax.jit(init_params, out_shardings=param_shardings)(rng)
   if pretrained is not None:
@@ -286,16 +290,15 @@ def finetune_and_evaluate(config, workdir: str, *, allow_config_change: bool = F
                                           steps_per_epoch)
   max_skips = config.max_consecutive_skips if config.skip_nonfinite_updates else 0
   size = config.model.image_size
-  example_images = jnp.zeros((1, size, size, config.model.num_channels), jnp.float32)
+  init_params = classifier_init_fn(model, config)
   init_key = jax.random.PRNGKey(config.seed)
-  abstract_params = jax.eval_shape(
-      lambda k: model.init({"params": k, "dropout": k}, example_images, train=False), init_key)
+  abstract_params = jax.eval_shape(init_params, init_key)
   multipliers = optim.layer_decay_multipliers(abstract_params, model.depth,
                                               config.optim.layer_decay)
   optimizer = optax.apply_if_finite(
       optim.make_optimizer(config.optim, schedule, lr_multipliers=multipliers),
       max_consecutive_errors=max_skips)
-  state = init_classifier_state(model, optimizer, example_images, init_key, mesh,
+  state = init_classifier_state(init_params, optimizer, init_key, mesh,
                                 None if start_step else pretrained)
 
   train_iter = iter(input_pipeline.finetune_dataset(

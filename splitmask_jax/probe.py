@@ -14,7 +14,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 from absl import logging
 
 from splitmask_jax import config_base
@@ -67,11 +66,8 @@ def probe_blocks(config, workdir: str) -> dict:
         center_crop=data.test_crop_ratio)
 
   model = finetune.build_classifier(config, info.num_classes)
-  size = config.model.image_size
-  example = jnp.zeros((1, size, size, config.model.num_channels), jnp.float32)
-  key = jax.random.PRNGKey(config.seed)
-  random_params = jax.jit(lambda k: model.init({"params": k, "dropout": k}, example,
-                                               train=False))(key)
+  random_params = jax.jit(finetune.classifier_init_fn(model, config))(
+      jax.random.PRNGKey(config.seed))
   encoders = {}
   if pretrained is not None:
     encoders["pretrained"] = finetune.load_pretrained_encoder(
