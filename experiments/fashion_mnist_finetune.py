@@ -43,7 +43,7 @@ RECIPES = {"table9": [], "light": ["--config.augment.randaugment_ops=0",
                                    "--config.augment.mixup=0", "--config.augment.cutmix=0"]}
 
 
-def _run(name: str, args: list[str], workdir: pathlib.Path, log: dict) -> dict:
+def run_stage(name: str, args: list[str], workdir: pathlib.Path, log: dict) -> dict:
   """Runs one stage unless its workdir is finished; returns its final metrics."""
   cmd = [sys.executable, "-m", "splitmask_jax.main", *args, f"--workdir={workdir}"]
   final = workdir / "final_metrics.json"
@@ -108,7 +108,7 @@ def main():
     for method in ("splitmask", "beit"):
       variant = ":beit" if method == "beit" else ""
       name = f"pretrain/{method}/seed{seed}"
-      final = _run(name, [f"--config={PRETRAIN_CONFIG}{variant}", f"--config.seed={seed}",
+      final = run_stage(name, [f"--config={PRETRAIN_CONFIG}{variant}", f"--config.seed={seed}",
                           f"--config.num_epochs={args.pretrain_epochs}",
                           "--config.knn.enabled=False"], out / name, log)
       summary["pretrain"].setdefault(method, {})[str(seed)] = {
@@ -129,13 +129,13 @@ def main():
           flags.append("--config.optim.layer_decay=1.0")
         else:
           flags.append(f"--config.init.workdir={out / 'pretrain' / init / f'seed{seed}'}")
-        final = _run(name, flags, out / name, log)
+        final = run_stage(name, flags, out / name, log)
         summary["finetune"][labels][init][str(seed)] = {
             "test_top1": final["test_top1"], "wall_s": log["wall_s"].get(name)}
     if args.probe and seed == seeds[0]:
       for method in ("splitmask", "beit"):
         name = f"probe/{method}/seed{seed}"
-        final = _run(name, [f"--config={FINETUNE_CONFIG}:probe", f"--config.seed={seed}",
+        final = run_stage(name, [f"--config={FINETUNE_CONFIG}:probe", f"--config.seed={seed}",
                             f"--config.init.workdir={out / 'pretrain' / method / f'seed{seed}'}"],
                      out / name, log)
         summary["probe"][method] = final

@@ -10,6 +10,9 @@ renames it to `<step>` once every item is on disk, so a process killed while
 saving leaves the previous steps intact and a temporary folder that the next
 `Checkpointer` deletes. Older steps are deleted only after a newer one is
 committed, keeping the `keep` latest.
+
+`BestCheckpointer` keeps, in `<workdir>/best_checkpoint`, the state of the
+lowest held-out loss seen at evaluations, for fine-tuning from it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+# The folder of a workdir that holds the checkpoint of the lowest held-out loss.
+BEST_DIR = "best_checkpoint"
 
 
 class Checkpointer:
@@ -70,8 +76,51 @@ class Checkpointer:
     self._manager.close()
 
 
+class BestCheckpointer:
+  """Keeps the train state of the lowest value of one evaluation metric.
+
+  One orbax `CheckpointManager` in `<workdir>/best_checkpoint` holding one step
+  (the state only: a resumed run restarts from the latest regular checkpoint),
+  with the metric stored beside it, so the best value so far survives a restart.
+  """
+
+  def __init__(self, workdir: str, metric: str):
+    self.directory = os.path.join(os.path.abspath(workdir), BEST_DIR)
+    self.metric = metric
+    self._manager = ocp.CheckpointManager(
+        self.directory, item_handlers={"state": ocp.StandardCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, best_fn=lambda metrics: metrics[metric], best_mode="min",
+            keep_checkpoints_without_metrics=False, create=True,
+            cleanup_tmp_directories=True))
+    # Read once: orbax records a save's metrics only when the save is committed.
+    step = self._manager.best_step()
+    metrics = None if step is None else self._manager.metrics(step)
+    self._best = None if metrics is None else (step, float(metrics[metric]))
+
+  def best(self) -> tuple[int, float] | None:
+    """(step, metric value) of the kept checkpoint, None before the first."""
+    return self._best
+
+  def offer(self, step: int, state, value: float) -> bool:
+    """Saves `state` (asynchronously) when `value` is finite and below the best so far.
+
+    Returns whether it did.
+    """
+    best = self.best()
+    if not np.isfinite(value) or (best is not None and value >= best[1]):
+      return False
+    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+                       metrics={self.metric: float(value)})
+    self._best = (step, float(value))
+    return True
+
+  def close(self) -> None:
+    self._manager.close()
+
+
 def load_arrays(workdir: str, names: tuple[str, ...],
-                step: int | None = None) -> tuple[dict, int]:
+                step: int | None = None, *, best: bool = False) -> tuple[dict, int]:
   """Reads parts of the train state saved in another run's workdir, as host arrays.
 
   For initialising a downstream model from a pre-training run, exporting one or
@@ -82,6 +131,8 @@ def load_arrays(workdir: str, names: tuple[str, ...],
     workdir: a pre-training or fine-tuning workdir (holding `checkpoints/`).
     names: top-level fields of the saved state, e.g. ('params', 'codebook').
     step: the step to read; None for the latest.
+    best: read the checkpoint that `BestCheckpointer` kept instead (`step` must
+      be None).
 
   Returns:
     ({name: the saved tree or array, as numpy}, the step read).
@@ -90,10 +141,15 @@ def load_arrays(workdir: str, names: tuple[str, ...],
     FileNotFoundError: the workdir holds no checkpoint, or not that step.
     KeyError: the checkpoint has no such field.
   """
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if best and step is not None:
+    raise ValueError(f"best=True reads the best checkpoint's own step; got step={step}.")
+  folder = BEST_DIR if best else "checkpoints"
+  directory = os.path.join(os.path.abspath(workdir), folder)
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{workdir} holds no checkpoints/ folder: pass the workdir of a "
-                            "finished (or checkpointed) run.")
+    what = ("a pre-training run that evaluated with keep_best_checkpoint=True" if best else
+            "a finished (or checkpointed) run")
+    raise FileNotFoundError(f"{workdir} holds no {folder}/ folder: pass the workdir of "
+                            f"{what}.")
   # A plain tree reader: no train state to match, every leaf read as numpy.
   manager = ocp.CheckpointManager(directory,
                                   item_handlers={"state": ocp.PyTreeCheckpointHandler()},
@@ -120,8 +176,9 @@ def load_arrays(workdir: str, names: tuple[str, ...],
   return {name: state[name] for name in names}, step
 
 
-def load_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
+def load_params(workdir: str, step: int | None = None, *,
+                best: bool = False) -> tuple[dict, int]:
   """The flax variables `{'params': ...}` of a run's checkpoint (see `load_arrays`)
   and the step they were saved at."""
-  arrays, step = load_arrays(workdir, ("params",), step)
+  arrays, step = load_arrays(workdir, ("params",), step, best=best)
   return arrays["params"], step

@@ -26,6 +26,7 @@ OBJECTIVES = ("splitmask", "beit")
 TOKENIZERS = ("random_projection", "random_patches", "kmeans")
 MASKINGS = ("block", "uniform")
 DTYPES = ("float32", "bfloat16", "float16")
+INIT_CHECKPOINTS = ("latest", "best")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -69,19 +70,33 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.manual_dir = placeholder(str)  # a folder holding the raw files, for builders that read one
   c.data.train_split = "train"
   c.data.val_split = "validation"  # held-out MIM loss
+  # Pre-training on a share of the split: ImageNet 1%, 10%, ... (Table 1, Figure 2).
+  _add_share_keys(c.data)
   c.data.crop_scale = (0.08, 1.0)
   c.data.num_workers = 8  # grain worker processes per host (0: in-process)
   c.data.prefetch = 2
+
+  # Photometric augmentation after the crop and flip (photometric.py): off in the
+  # paper's default recipe, on for its smallest datasets (the small-data recipe).
+  c.augment = ml_collections.ConfigDict()
+  c.augment.color_jitter = 0.4  # brightness / contrast / saturation strength
+  c.augment.color_jitter_prob = 0.0
+  c.augment.grayscale_prob = 0.0
+  c.augment.blur_prob = 0.0
+  c.augment.solarize_prob = 0.0
 
   c.optim = _optim_group(base_lr=1.5e-3, base_batch_size=2048, min_lr=1e-5,
                          warmup_epochs=10.0, grad_clip=3.0)
 
   c.batch_size = 2048  # global, over all processes and devices
-  c.num_epochs = 300.0
-  c.num_steps = placeholder(int)  # overrides num_epochs when set
+  _add_length_keys(c, num_epochs=300.0)
   _add_loop_keys(c)
   c.eval_every = 5000  # held-out MIM loss
   c.eval_batches = 10
+  # Keep, beside the latest checkpoints, the one of the lowest held-out MIM loss
+  # (`val_loss`) in <workdir>/best_checkpoint: the loss tracks fine-tuning quality
+  # and rises when a long schedule overfits a small dataset (seed 002).
+  c.keep_best_checkpoint = True
   # Validation images shown in TensorBoard at every evaluation: what each branch
   # sees, what it predicts and the target tokens (visualize.py); 0: off.
   c.summary_images = 8
@@ -122,11 +137,37 @@ def _optim_group(*, base_lr: float, base_batch_size: int, min_lr: float,
   o.base_batch_size = base_batch_size
   o.min_lr = min_lr
   o.warmup_epochs = warmup_epochs
+  # Warmup as a share of the run's steps; overrides warmup_epochs when set, so the
+  # warmup keeps its share when a constant-updates schedule adapts its epochs.
+  o.warmup_fraction = ml_collections.FieldReference(None, field_type=float)
   o.weight_decay = 0.05
   o.b1 = 0.9
   o.b2 = 0.999
   o.grad_clip = ml_collections.FieldReference(grad_clip, field_type=float)  # None: off
   return o
+
+
+def _add_share_keys(data: ml_collections.ConfigDict) -> None:
+  """`train_fraction` and `subset_seed`: a class-balanced, seeded share of the training
+  split (datasets.training_share), the same subset for every `seed` of an experiment."""
+  data.train_fraction = 1.0  # in (0, 1]
+  data.subset_seed = 0
+
+
+def _add_length_keys(c: ml_collections.ConfigDict, *, num_epochs: float) -> None:
+  """How long a run is: in steps, in examples or in epochs (loop.schedule_length).
+
+  The first of num_steps, num_examples that is set wins, else num_epochs. A
+  length in examples keeps the number of updates constant whatever the size of
+  the training data (the paper's protocol: 300 ImageNet epochs of updates on any
+  dataset or share), so its epochs adapt; `max_epochs` caps them, as the paper
+  caps small datasets at 5,000 epochs. Epochs count passes over the data trained
+  on (the share, when `data.train_fraction` < 1).
+  """
+  c.num_epochs = num_epochs
+  c.num_steps = placeholder(int)
+  c.num_examples = placeholder(int)
+  c.max_epochs = ml_collections.FieldReference(None, field_type=float)  # None: no cap
 
 
 def _add_loop_keys(c: ml_collections.ConfigDict) -> None:
@@ -168,7 +209,10 @@ def downstream_config() -> ml_collections.ConfigDict:
   # (the baseline, through the same code path).
   c.init = ml_collections.ConfigDict()
   c.init.workdir = placeholder(str)
-  c.init.step = placeholder(int)  # None: its latest checkpoint
+  # 'latest': its latest checkpoint (or `step`); 'best': the one of its lowest
+  # held-out MIM loss (pre-training's keep_best_checkpoint).
+  c.init.checkpoint = "latest"
+  c.init.step = placeholder(int)  # with 'latest'; None: the latest
 
   c.model = _model_group()
   # BEiT's head initialisation: truncated normal (0.02) scaled by this.
@@ -180,10 +224,8 @@ def downstream_config() -> ml_collections.ConfigDict:
   c.data.manual_dir = placeholder(str)
   c.data.train_split = "train"
   c.data.test_split = "validation"  # top-1 at intervals and at the end
-  # Share of the labelled training examples used, drawn class-balanced with
-  # `label_seed` (the same subset for every seed of an experiment).
-  c.data.train_fraction = 1.0
-  c.data.label_seed = 0
+  # Fine-tuning on a share of the labelled examples (few-label settings).
+  _add_share_keys(c.data)
   c.data.crop_scale = (0.08, 1.0)
   # Test images: resize to image_size / ratio, then the central image_size crop.
   c.data.test_crop_ratio = 0.875
@@ -212,8 +254,7 @@ def downstream_config() -> ml_collections.ConfigDict:
   c.optim.layer_decay = 0.65  # per-block learning-rate decay (1: none), see optim.py
 
   c.batch_size = 1024
-  c.num_epochs = 300.0  # epochs of the (possibly reduced) labelled split
-  c.num_steps = placeholder(int)
+  _add_length_keys(c, num_epochs=300.0)
   _add_loop_keys(c)
   c.eval_every = 5000  # top-1 on the test split
   c.eval_batch_size = 1024
@@ -319,15 +360,29 @@ def _check_loop(config) -> None:
   """The keys every training loop reads: batch, length, optimizer, mesh, intervals."""
   if config.batch_size <= 0:
     _fail("batch_size", config.batch_size, "it must be positive")
-  if config.num_steps is None and not config.num_epochs > 0:
-    _fail("num_epochs", config.num_epochs, "it must be positive (or set num_steps)")
-  if config.num_steps is not None and config.num_steps <= 0:
-    _fail("num_steps", config.num_steps, "it must be positive")
+  if config.num_steps is not None and config.num_examples is not None:
+    _fail("num_examples", config.num_examples,
+          f"num_steps={config.num_steps} is also set: state the length one way (the other "
+          "None)")
+  if config.num_steps is None and config.num_examples is None and not config.num_epochs > 0:
+    _fail("num_epochs", config.num_epochs, "it must be positive (or set num_steps or "
+          "num_examples)")
+  for key in ("num_steps", "num_examples", "max_epochs"):
+    if config[key] is not None and config[key] <= 0:
+      _fail(key, config[key], "it must be positive (or None)")
   if config.optim.grad_clip is not None and config.optim.grad_clip <= 0:
     _fail("optim.grad_clip", config.optim.grad_clip, "it must be positive (or None: off)")
+  warmup = config.optim.warmup_fraction
+  if warmup is not None and not 0 <= warmup < 1:
+    _fail("optim.warmup_fraction", warmup, "it must lie in [0, 1) (or None: warmup_epochs)")
+  if not config.data.dataset:
+    _fail("data.dataset", config.data.dataset, "set it to a TFDS name or to a folder of "
+          "images (a path starting with /, ./, ../ or ~)")
   lo, hi = config.data.crop_scale
   if not 0 < lo <= hi <= 1:
     _fail("data.crop_scale", config.data.crop_scale, "it needs 0 < min <= max <= 1")
+  if not 0 < config.data.train_fraction <= 1:
+    _fail("data.train_fraction", config.data.train_fraction, "it must lie in (0, 1]")
   sharding.check_mesh_config(config.mesh)
   if config.profile.start_step < 1:
     _fail("profile.start_step", config.profile.start_step,
@@ -363,12 +418,20 @@ def _check_pretrain(config) -> None:
     _fail("loss.temperature", config.loss.temperature, "it must be positive")
   if config.summary_images < 0:
     _fail("summary_images", config.summary_images, "it must be >= 0 (0: off)")
+  aug = config.augment
+  if aug.color_jitter < 0:
+    _fail("augment.color_jitter", aug.color_jitter, "it must be >= 0")
+  for key in ("color_jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
+    if not 0 <= aug[key] <= 1:
+      _fail(f"augment.{key}", aug[key], "it must lie in [0, 1] (0: off)")
 
 
 def _check_downstream(config) -> None:
   data, aug = config.data, config.augment
-  if not 0 < data.train_fraction <= 1:
-    _fail("data.train_fraction", data.train_fraction, "it must lie in (0, 1]")
+  if config.init.checkpoint not in INIT_CHECKPOINTS:
+    _fail("init.checkpoint", config.init.checkpoint, f"allowed values are {INIT_CHECKPOINTS}")
+  if config.init.checkpoint == "best" and config.init.step is not None:
+    _fail("init.step", config.init.step, "init.checkpoint='best' picks the step: leave it None")
   if not 0 < data.test_crop_ratio <= 1:
     _fail("data.test_crop_ratio", data.test_crop_ratio, "it must lie in (0, 1]")
   if aug.randaugment_ops < 0:
@@ -409,8 +472,8 @@ def _check_downstream(config) -> None:
 RESUMABLE_KEYS = ("data.data_dir", "data.manual_dir", "data.num_workers", "data.prefetch",
                   "log_every", "eval_every", "eval_batches", "eval_batch_size", "summary_images",
                   "checkpoint_every",
-                  "keep_checkpoints", "skip_nonfinite_updates", "max_consecutive_skips",
-                  "mesh.", "profile.", "knn.", "probe.")
+                  "keep_checkpoints", "keep_best_checkpoint", "skip_nonfinite_updates",
+                  "max_consecutive_skips", "mesh.", "profile.", "knn.", "probe.")
 _ABSENT = "<absent>"
 
 

@@ -4,6 +4,11 @@ Training reads datasets through `tfds.data_source`, i.e. from ArrayRecord files 
 random access and no TensorFlow at read time. Preparing a dataset (writing those files)
 needs TensorFlow, because TFDS's `Image` feature PNG-encodes with it.
 
+A dataset is named as in `config.data.dataset`: a TFDS name, or a folder of the user's
+own images (a path starting with '/', './', '../' or '~'; `image_folder.py`), which is
+prepared into the same form and then read like any TFDS dataset. A TFDS dataset that
+needs a manual download is prepared from `config.data.manual_dir` when that is set.
+
 The embedded default dataset, Fashion-MNIST, is prepared under TFDS's own name, version,
 features, keys and split layout (`fashion_mnist` 3.0.1, train / test), so a copy built
 here from local IDX files and one built by TFDS online hold the same records in the same
@@ -12,6 +17,7 @@ order and are interchangeable.
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import os
 import socket
@@ -21,9 +27,18 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
+from etils import epath
 from tensorflow_datasets.image_classification import mnist
 
+from splitmask_jax import image_folder
+from splitmask_jax import subsets
+# Registers 'i_naturalist2019' with TFDS, so that tfds.builder finds it by name.
+from splitmask_jax import inaturalist2019  # pylint: disable=unused-import
+
 FASHION_MNIST = "fashion_mnist"
+# Labels read per call when reading a whole split's labels.
+_LABEL_CHUNK = 8192
 # Where Debian's package `dataset-fashion-mnist` installs the four IDX files.
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 # File names of the four IDX files per split, as published by Zalando and Debian.
@@ -202,52 +217,98 @@ def _fashion_mnist_message(data_dir: str, manual_dir: str, reason: str) -> str:
 
 def _other_dataset_message(name: str, data_dir: str,
                            builder: tfds.core.DatasetBuilder) -> str:
-  message = (
-      f"TFDS dataset {name!r} is not prepared in {data_dir}. Prepare it (this "
-      f"needs TensorFlow) with\n"
-      f"  tfds build {name} --file_format=array_record --data_dir={data_dir}\n"
-      f"or, in Python,\n"
-      f"  tfds.builder({name!r}, data_dir={data_dir!r})"
-      f".download_and_prepare(file_format='array_record')")
-  instructions = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
-  if instructions:
-    message += (f"\nThis dataset needs a manual download: place the files in a "
-                f"folder and add --manual_dir=FOLDER. Instructions:\n"
-                f"{instructions.strip()}")
-  return message
+  where = "" if data_dir is None else f" --data_dir={data_dir}"
+  instructions = _manual_instructions(builder)
+  if not instructions:
+    return (f"TFDS dataset {name!r} is not prepared in {data_dir or 'TFDS default data_dir'}. "
+            f"Download and prepare it once (as ArrayRecord; this needs TensorFlow) with\n"
+            f"  python -m splitmask_jax.datasets --dataset={name}{where}")
+  return (f"TFDS dataset {name!r} is not prepared in {data_dir or 'TFDS default data_dir'}, "
+          f"and it needs a manual download: place the files in a folder, then set "
+          f"--config.data.manual_dir=FOLDER so that the run prepares it, or prepare it "
+          f"once with\n"
+          f"  python -m splitmask_jax.datasets --dataset={name}{where} --manual_dir=FOLDER\n"
+          f"Instructions:\n{instructions.strip()}")
 
 
-def prepare_dataset(name: str, data_dir: str, manual_dir: str | None = None, *,
+def _manual_instructions(builder: tfds.core.DatasetBuilder) -> str | None:
+  return getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+
+
+def _prepare_from_manual_dir(builder: tfds.core.DatasetBuilder, name: str,
+                             data_dir: str, manual_dir: str) -> None:
+  folder = epath.Path(os.path.expanduser(manual_dir))
+  if not folder.is_dir() or not any(folder.iterdir()):
+    raise DatasetNotPreparedError(
+        f"{_other_dataset_message(name, data_dir, builder)}\n"
+        f"(--config.data.manual_dir={manual_dir} "
+        f"{'is empty' if folder.is_dir() else 'is not a folder'}.)")
+  builder.download_and_prepare(
+      file_format=tfds.core.FileFormat.ARRAY_RECORD,
+      download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(folder),
+                                                   try_download_gcs=False))
+
+
+def _image_folder_error(name: str, error: Exception) -> DatasetNotPreparedError:
+  return DatasetNotPreparedError(
+      f"config.data.dataset={name!r} names a folder of images (a value starting with "
+      f"'/', './', '../' or '~'), but {error}. Set --config.data.dataset to a folder "
+      f"of images, or to a TFDS dataset name.")
+
+
+def _image_folder_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+  try:
+    return image_folder.folder_builder(name, data_dir)
+  except image_folder.NoImagesError as e:
+    raise _image_folder_error(name, e) from e
+
+
+def prepare_dataset(name: str, data_dir: str | None, manual_dir: str | None = None, *,
                     process_index: int = 0, download: bool = True) -> None:
-  """Makes sure that TFDS dataset `name` is on disk in `data_dir` as ArrayRecord.
+  """Makes sure that dataset `name` is on disk in `data_dir` as ArrayRecord.
 
-  Does nothing when it is already prepared. 'fashion_mnist' is prepared from its
-  four IDX files in `manual_dir` (default: where Debian's `dataset-fashion-mnist`
-  puts them) and otherwise by TFDS's own download. Other datasets must have been
-  prepared beforehand (`tfds build`). Only the process with index 0 prepares
-  anything; the others return at once.
+  Does nothing when it is already prepared. A folder of images is prepared from
+  its files (`image_folder.prepare_image_folder`). 'fashion_mnist' is prepared
+  from its four IDX files in `manual_dir` (default: where Debian's
+  `dataset-fashion-mnist` puts them) and otherwise by TFDS's own download. Other
+  TFDS datasets that need a manual download are prepared from `manual_dir` when it
+  is given; any other must have been prepared beforehand (`prepare`). Only the
+  process with index 0 prepares anything; the others return at once.
 
   Args:
-    name: TFDS name, optionally with config and version ('name/config:1.0.0').
-    data_dir: TFDS data directory.
-    manual_dir: folder holding the four Fashion-MNIST IDX files.
+    name: TFDS name, optionally with config and version ('name/config:1.0.0'), or
+      a folder of images ('/...', './...', '../...', '~...').
+    data_dir: TFDS data directory; None: TFDS's default.
+    manual_dir: folder holding the four Fashion-MNIST IDX files, or the manually
+      downloaded files of another TFDS dataset.
     process_index: this process's index (jax.process_index()).
     download: whether TFDS may try to download 'fashion_mnist' when no local
       files are found.
 
   Raises:
-    DatasetNotPreparedError: the dataset is missing and could not be prepared;
-      the message says how to get it.
-    ValueError: corrupt Fashion-MNIST IDX files.
+    DatasetNotPreparedError: the dataset is missing and could not be prepared,
+      or the image folder is missing, not a folder or holds no image; the
+      message says what to do.
+    ValueError: corrupt Fashion-MNIST IDX files, or an image folder whose layout
+      `image_folder` rules out.
   """
   if process_index != 0:
+    return
+  if image_folder.is_image_folder(name):
+    try:
+      image_folder.prepare_image_folder(name, data_dir)
+    except image_folder.NoImagesError as e:
+      raise _image_folder_error(name, e) from e
     return
   builder = tfds.builder(name, data_dir=data_dir)
   if builder.is_prepared():
     _check_array_record(builder, name, data_dir)
     return
   if builder.name != FASHION_MNIST:
-    raise DatasetNotPreparedError(_other_dataset_message(name, data_dir, builder))
+    if manual_dir is None or not _manual_instructions(builder):
+      raise DatasetNotPreparedError(_other_dataset_message(name, data_dir, builder))
+    _prepare_from_manual_dir(builder, name, data_dir, manual_dir)
+    return
 
   source_dir = DEBIAN_FASHION_MNIST_DIR if manual_dir is None else manual_dir
   if _has_fashion_mnist_files(source_dir):
@@ -275,14 +336,20 @@ def prepare_dataset(name: str, data_dir: str, manual_dir: str | None = None, *,
 
 
 def prepared_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
-  """The TFDS builder of a dataset prepared as ArrayRecord.
+  """The TFDS builder of a dataset (a TFDS name or an image folder) prepared as ArrayRecord.
 
   Raises:
     DatasetNotPreparedError: it is not, with a message saying how to get it.
   """
-  builder = tfds.builder(name, data_dir=data_dir)
+  if image_folder.is_image_folder(name):
+    builder = _image_folder_builder(name, data_dir)
+  else:
+    builder = tfds.builder(name, data_dir=data_dir)
   if not builder.is_prepared():
-    if builder.name == FASHION_MNIST:
+    if image_folder.is_image_folder(name):
+      message = (f"The image folder {name} is not prepared in {data_dir}: "
+                 f"prepare_dataset (which every run calls first) prepares it.")
+    elif builder.name == FASHION_MNIST:
       message = _fashion_mnist_message(
           data_dir, DEBIAN_FASHION_MNIST_DIR, "prepare_dataset was not run")
     else:
@@ -296,7 +363,7 @@ def load_source(name: str, split: str, data_dir: str) -> Sequence[dict[str, Any]
   """Opens one split of a prepared TFDS dataset for random access.
 
   Args:
-    name: TFDS name as in `prepare_dataset`.
+    name: TFDS name or image folder, as in `prepare_dataset`.
     split: TFDS split, slices allowed ('train', 'test', 'train[:1000]').
     data_dir: TFDS data directory.
 
@@ -327,3 +394,81 @@ def dataset_info(name: str, data_dir: str) -> DatasetInfo:
       num_examples={split: info.splits[split].num_examples for split in info.splits},
       num_classes=num_classes,
       image_shape=tuple(features["image"].shape))
+
+
+def load_labels(name: str, split: str, data_dir: str | None) -> np.ndarray:
+  """The 'label' of every record of a prepared TFDS split, int64 [N].
+
+  Images are read as encoded bytes and never decoded, so this takes about a
+  second per 60k records.
+  """
+  source = prepared_builder(name, data_dir).as_data_source(
+      split=split, decoders={"image": tfds.decode.SkipDecoding()})
+  labels = []
+  for start in range(0, len(source), _LABEL_CHUNK):
+    records = source.__getitems__(range(start, min(start + _LABEL_CHUNK, len(source))))
+    labels.extend(int(r["label"]) for r in records)
+  return np.asarray(labels, np.int64)
+
+
+def training_share(data) -> Sequence[dict[str, Any]]:
+  """The training split of `config.data`, or its seeded class-balanced share.
+
+  Args:
+    data: a config's `data` group: dataset, train_split, data_dir,
+      train_fraction, subset_seed.
+
+  Returns:
+    The split's data source when train_fraction is 1, else a `Subset` of it. A
+    dataset without labels is treated as one class (a uniform seeded draw).
+  """
+  source = load_source(data.dataset, data.train_split, data.data_dir)
+  if data.train_fraction == 1:
+    return source
+  if dataset_info(data.dataset, data.data_dir).num_classes is None:
+    labels = np.zeros(len(source), np.int64)
+  else:
+    labels = load_labels(data.dataset, data.train_split, data.data_dir)
+  indices = subsets.class_balanced_indices(labels, data.train_fraction, data.subset_seed)
+  logging.info("Training on %d of %d examples of %s (a class-balanced %.3g share)",
+               len(indices), len(source), data.train_split, data.train_fraction)
+  return subsets.Subset(source, indices)
+
+
+def prepare(name: str, data_dir: str | None, manual_dir: str | None = None) -> None:
+  """Prepares any dataset once as ArrayRecord, downloading it when TFDS can.
+
+  What `prepare_dataset` (which a training run calls) does, plus TFDS's download
+  for the datasets it fetches itself, which a run leaves to this step: a download
+  of many gigabytes is not something a multi-host job should start on its own.
+  """
+  if image_folder.is_image_folder(name) or manual_dir is not None:
+    prepare_dataset(name, data_dir, manual_dir)
+    return
+  builder = tfds.builder(name, data_dir=data_dir)
+  if builder.name == FASHION_MNIST:
+    prepare_dataset(name, data_dir)
+    return
+  if not builder.is_prepared():
+    builder.download_and_prepare(file_format=tfds.core.FileFormat.ARRAY_RECORD)
+  _check_array_record(builder, name, data_dir)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """`python -m splitmask_jax.datasets --dataset=NAME [--data_dir=D] [--manual_dir=M]`."""
+  parser = argparse.ArgumentParser(description=prepare.__doc__.splitlines()[0])
+  parser.add_argument("--dataset", required=True,
+                      help="a TFDS name ('domainnet/clipart') or a folder of images")
+  parser.add_argument("--data_dir", default=None, help="TFDS data directory")
+  parser.add_argument("--manual_dir", default=None,
+                      help="folder of the manually downloaded files")
+  args = parser.parse_args(argv)
+  logging.set_verbosity(logging.INFO)
+  prepare(args.dataset, args.data_dir, args.manual_dir)
+  info = dataset_info(args.dataset, args.data_dir)
+  print(f"{args.dataset}: prepared; examples per split {info.num_examples}, "
+        f"{info.num_classes} classes.")
+
+
+if __name__ == "__main__":
+  main()

@@ -36,7 +36,6 @@ from splitmask_jax import objectives
 from splitmask_jax import optim
 from splitmask_jax import randaugment
 from splitmask_jax import sharding
-from splitmask_jax import subsets
 from splitmask_jax import train_step as train_step_lib
 from splitmask_jax.models import classifier as classifier_lib
 from splitmask_jax.models import vit
@@ -90,8 +89,10 @@ def check_init_run(config) -> dict | None:
           f"config.model.{key}={config.model[key]!r} does not match the run in "
           f"config.init.workdir={init.workdir!r}, which has model.{key}="
           f"{saved_model[key]!r}: set config.model.{key}={saved_model[key]!r}.")
-  variables, step = checkpointing.load_params(init.workdir, init.step)
-  logging.info("Initialising the encoder from %s, step %d", init.workdir, step)
+  best = init.checkpoint == "best"
+  variables, step = checkpointing.load_params(init.workdir, init.step, best=best)
+  logging.info("Initialising the encoder from %s, step %d%s", init.workdir, step,
+               " (its lowest held-out loss)" if best else "")
   return variables
 
 
@@ -211,19 +212,6 @@ def prepare_labelled_data(config) -> datasets.DatasetInfo:
   return info
 
 
-def train_source_of(config):
-  """The labelled training split, or its class-balanced share."""
-  data = config.data
-  source = datasets.load_source(data.dataset, data.train_split, data.data_dir)
-  if data.train_fraction == 1:
-    return source
-  labels = subsets.load_labels(data.dataset, data.train_split, data.data_dir)
-  indices = subsets.class_balanced_indices(labels, data.train_fraction, data.label_seed)
-  logging.info("Training on %d of %d labelled examples (class-balanced %.3g share)",
-               len(indices), len(source), data.train_fraction)
-  return subsets.Subset(source, indices)
-
-
 def _augment_fn(augment) -> input_pipeline.ImageAugmentFn | None:
   """RandAugment, else colour jitter, else nothing: the order of timm's transforms
   (which the paper's fine-tuning code uses), where the jitter is skipped under
@@ -282,7 +270,7 @@ def finetune_and_evaluate(config, workdir: str, *, allow_config_change: bool = F
 
   data = config.data
   info = prepare_labelled_data(config)
-  train_source = train_source_of(config)
+  train_source = datasets.training_share(config.data)
   total_steps, steps_per_epoch = loop.num_steps(config, len(train_source))
 
   model = build_classifier(config, info.num_classes)

@@ -181,13 +181,17 @@ def _masks(mask_fn: MaskFn, rng: np.random.Generator) -> dict[str, np.ndarray]:
 def _pretrain_example(item: tuple[Mapping[str, Any], int], rng: np.random.Generator, *,
                       image_size: int, crop_scale: tuple[float, float],
                       crop_ratio: tuple[float, float], mask_fn: MaskFn | None,
+                      augment_fn: ImageAugmentFn | None,
                       count_skipped: bool) -> dict[str, np.ndarray]:
   record, skipped = item
   # The mask generator is split off first, so masks do not depend on how many
   # draws the augmentation makes.
   mask_rng = np.random.default_rng(rng.integers(2**63, size=2))
-  example = {"image": augment(_record_image(record), rng, image_size=image_size,
-                              crop_scale=crop_scale, crop_ratio=crop_ratio)}
+  image = augment(_record_image(record), rng, image_size=image_size, crop_scale=crop_scale,
+                  crop_ratio=crop_ratio)
+  if augment_fn is not None:
+    image = augment_fn(image, rng)
+  example = {"image": image}
   if mask_fn is not None:
     example.update(_masks(mask_fn, mask_rng))
   if count_skipped:
@@ -215,6 +219,7 @@ def pretrain_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int,
                      image_size: int,
                      crop_scale: tuple[float, float] = (0.08, 1.0),
                      crop_ratio: tuple[float, float] = DEFAULT_CROP_RATIO,
+                     augment_fn: ImageAugmentFn | None = None,
                      mask_fn: MaskFn | None, seed: int, process_index: int = 0,
                      process_count: int = 1, num_workers: int = 0,
                      prefetch_buffer: int = 2,
@@ -226,8 +231,8 @@ def pretrain_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int,
   P per-process batches of one step together cover consecutive elements of the
   global stream: within an epoch the processes see disjoint examples, and the
   global batches do not depend on P (up to their order). Each element is randomly
-  resized-cropped and flipped, and `mask_fn` draws its mask from a generator of
-  its own.
+  resized-cropped and flipped, then passed through `augment_fn`, and `mask_fn`
+  draws its mask from a generator of its own.
 
   Args:
     source: random-access records holding 'image': uint8 [H, W, C], C in (1, 3).
@@ -235,6 +240,9 @@ def pretrain_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int,
     image_size: side of the output images in pixels.
     crop_scale: (min, max) area fraction of the random resized crop.
     crop_ratio: (min, max) aspect ratio width / height of the crop.
+    augment_fn: `(image, rng) -> image` after the crop and flip (the small-data
+      photometric augmentation, photometric.py), or None. It does not change
+      the masks, which come from a generator split off before the crop.
     mask_fn: maps a generator to a dict of mask arrays of fixed shapes (one
       example), or None for images only.
     seed: pipeline seed in [0, 2**32); shuffling, augmentation and masks follow
@@ -259,7 +267,8 @@ def pretrain_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int,
   _check_stream_args(crop_scale, crop_ratio, num_workers, prefetch_buffer)
   example_fn = functools.partial(
       _pretrain_example, image_size=image_size, crop_scale=tuple(crop_scale),
-      crop_ratio=tuple(crop_ratio), mask_fn=mask_fn, count_skipped=count_skipped)
+      crop_ratio=tuple(crop_ratio), mask_fn=mask_fn, augment_fn=augment_fn,
+      count_skipped=count_skipped)
   return _batched_stream(_shuffled_records(source, seed, repeats=1), example_fn,
                          batch_size=batch_size, process_index=process_index,
                          process_count=process_count, num_workers=num_workers,

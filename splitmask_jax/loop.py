@@ -101,11 +101,29 @@ def prepare_data(data) -> datasets.DatasetInfo:
 
 
 def num_steps(config, train_size: int) -> tuple[int, float]:
-  """(total steps, steps per epoch) from num_steps or num_epochs."""
+  """The run's length: (total steps, steps per epoch).
+
+  `num_steps` is taken as it is. Otherwise the length in examples
+  (`num_examples`, or `num_epochs` passes over the `train_size` examples trained
+  on) becomes ceil(examples / batch_size) steps, capped at `max_epochs` epochs
+  when that is set. So with `num_examples` the number of updates stays fixed when
+  the data shrinks, and the epochs grow until the cap (the paper's protocol).
+  """
   steps_per_epoch = train_size / config.batch_size
   if config.num_steps is not None:
-    return int(config.num_steps), steps_per_epoch
-  return max(1, int(math.ceil(config.num_epochs * steps_per_epoch))), steps_per_epoch
+    total, how = int(config.num_steps), "num_steps"
+  else:
+    if config.num_examples is not None:
+      examples, how = config.num_examples, f"num_examples={config.num_examples:,}"
+    else:
+      examples, how = config.num_epochs * train_size, f"num_epochs={config.num_epochs:g}"
+    total = max(1, math.ceil(examples / config.batch_size))
+    if config.max_epochs is not None and total > config.max_epochs * steps_per_epoch:
+      total = max(1, math.ceil(config.max_epochs * steps_per_epoch))
+      how += f", capped at max_epochs={config.max_epochs:g}"
+  logging.info("Schedule: %d steps of %d examples = %.4g epochs of %d examples (%s)", total,
+               config.batch_size, total / steps_per_epoch, train_size, how)
+  return total, steps_per_epoch
 
 
 def _accumulate(window, step, metrics, opt_state, max_skips, skipped_images):

@@ -29,10 +29,15 @@ def learning_rate_schedule(optim_config, batch_size: int, total_steps: int,
                            steps_per_epoch: float) -> optax.Schedule:
   """Linear warmup from 0 to the peak, then cosine decay to `min_lr`.
 
-  The peak is `base_lr * batch_size / base_batch_size` (linear scaling).
+  The peak is `base_lr * batch_size / base_batch_size` (linear scaling). The
+  warmup lasts `warmup_fraction` of the steps when that is set, else
+  `warmup_epochs` epochs.
   """
   peak = optim_config.base_lr * batch_size / optim_config.base_batch_size
-  warmup = int(round(optim_config.warmup_epochs * steps_per_epoch))
+  if optim_config.warmup_fraction is not None:
+    warmup = int(round(optim_config.warmup_fraction * total_steps))
+  else:
+    warmup = int(round(optim_config.warmup_epochs * steps_per_epoch))
   warmup = min(warmup, max(total_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=peak, warmup_steps=warmup,

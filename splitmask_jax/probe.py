@@ -55,7 +55,7 @@ def probe_blocks(config, workdir: str) -> dict:
 
   data = config.data
   info = finetune.prepare_labelled_data(config)
-  train_source = finetune.train_source_of(config)
+  train_source = datasets.training_share(config.data)
   test_source = datasets.load_source(data.dataset, data.test_split, data.data_dir)
 
   def batches(source, num):

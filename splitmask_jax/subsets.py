@@ -12,26 +12,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import tensorflow_datasets as tfds
-
-from splitmask_jax import datasets
-
-_LABEL_CHUNK = 8192
-
-
-def load_labels(name: str, split: str, data_dir: str | None) -> np.ndarray:
-  """The 'label' of every record of a prepared TFDS split, int64 [N].
-
-  Images are read as encoded bytes and never decoded, so this takes about a
-  second per 60k records.
-  """
-  source = datasets.prepared_builder(name, data_dir).as_data_source(
-      split=split, decoders={"image": tfds.decode.SkipDecoding()})
-  labels = []
-  for start in range(0, len(source), _LABEL_CHUNK):
-    records = source.__getitems__(range(start, min(start + _LABEL_CHUNK, len(source))))
-    labels.extend(int(r["label"]) for r in records)
-  return np.asarray(labels, np.int64)
 
 
 def class_balanced_indices(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:

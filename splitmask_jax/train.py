@@ -30,7 +30,9 @@ from splitmask_jax import masking
 from splitmask_jax import metric_log
 from splitmask_jax import objectives
 from splitmask_jax import optim
+from splitmask_jax import photometric
 from splitmask_jax import sharding
+from splitmask_jax import subsets
 from splitmask_jax import tokenizers
 from splitmask_jax import train_step as train_step_lib
 from splitmask_jax import visualize
@@ -168,7 +170,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
       min_block=config.masking.min_block, max_block=config.masking.max_block)
   data = config.data
   info = loop.prepare_data(data)
-  train_source = datasets.load_source(data.dataset, data.train_split, data.data_dir)
+  train_source = datasets.training_share(data)
   total_steps, steps_per_epoch = loop.num_steps(config, len(train_source))
 
   model = objectives.build_model(config, grid)
@@ -185,9 +187,10 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
 
   train_iter = iter(input_pipeline.pretrain_dataset(
       train_source, batch_size=local_batch, image_size=config.model.image_size,
-      crop_scale=tuple(data.crop_scale), mask_fn=mask_fn, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      num_workers=data.num_workers, prefetch_buffer=data.prefetch, count_skipped=True))
+      crop_scale=tuple(data.crop_scale), augment_fn=photometric.make_augment_fn(config.augment),
+      mask_fn=mask_fn, seed=config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count(), num_workers=data.num_workers,
+      prefetch_buffer=data.prefetch, count_skipped=True))
 
   log = metric_log.MetricLog(workdir)
   if start_step:
@@ -213,17 +216,22 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   eval_step = train_step_lib.make_eval_step(step_loss, mesh, state)
   val_source = datasets.load_source(data.dataset, data.val_split, data.data_dir)
 
+  # Whole batches of held-out images: a split smaller than eval_batches batches is
+  # cycled (a repeated image gets other masks), since a padded batch is skipped.
+  num_val_batches = min(config.eval_batches, -(-len(val_source) // config.batch_size))
+  val_records = subsets.Subset(
+      val_source, np.arange(num_val_batches * config.batch_size) % len(val_source))
+
   def validate(state):
     val_data = input_pipeline.eval_dataset(
-        val_source, batch_size=local_batch, image_size=config.model.image_size,
+        val_records, batch_size=local_batch, image_size=config.model.image_size,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        mask_fn=mask_fn, seed=config.seed,
-        num_examples=min(config.eval_batches * config.batch_size, len(val_source)))
+        mask_fn=mask_fn, seed=config.seed, with_labels=False)
     sums, count = {}, 0
     for batch in val_data:
       if not np.all(batch["valid"]):  # a padded batch would bias the mean
         continue
-      batch = {k: v for k, v in batch.items() if k not in ("label", "valid")}
+      batch = {k: v for k, v in batch.items() if k != "valid"}
       metrics = jax.device_get(eval_step(state, sharding.global_batch(batch, mesh)))
       sums = {k: sums.get(k, 0.0) + float(v) for k, v in metrics.items()}
       count += 1
@@ -231,11 +239,19 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
 
   summarize = visualize.make_summary_fn(config, model, val_source, mask_fn, mesh)
 
+  best = (checkpointing.BestCheckpointer(workdir, "val_loss") if config.keep_best_checkpoint
+          else None)
+
   def evaluate(state):
     # Every process computes the summary (one jitted call); process 0 writes it.
     if summarize is not None:
       log.writer.write_images(int(state.step), summarize(state))
-    return validate(state)
+    values = validate(state)
+    if best is not None and "val_loss" in values:
+      best.offer(int(state.step), state, values["val_loss"])
+      if best.best() is not None:
+        values["best_val_loss"] = best.best()[1]
+    return values
 
   try:
     state, last = loop.run(config, workdir, state=state, train_iter=train_iter,
@@ -243,7 +259,9 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
                            start_step=start_step, total_steps=total_steps,
                            steps_per_epoch=steps_per_epoch, checkpointer=checkpointer,
                            log=log, evaluate=evaluate)
-    if config.knn.enabled:
+    if config.knn.enabled and info.num_classes is None:
+      logging.info("No k-NN evaluation: %s has no labels.", data.dataset)
+    elif config.knn.enabled:
       t0 = time.time()
       random_params = jax.jit(
           lambda k: model.init({"params": k, "dropout": k}, *example_inputs, train=False)
@@ -261,6 +279,10 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     # Waits for a save in flight: whatever stopped the run, the last
     # checkpoint it started is complete.
     checkpointer.close()
+    if best is not None:
+      best.close()
     log.close()
+  if best is not None and best.best() is not None:
+    last["best_step"], last["best_val_loss"] = best.best()
   loop.write_final_metrics(workdir, total_steps, last)
   return last

@@ -194,7 +194,7 @@ def test_other_dataset_not_prepared_says_how_to_build(tmp_path):
                lambda: datasets.dataset_info("mnist", data_dir)):
     with pytest.raises(datasets.DatasetNotPreparedError) as info:
       call()
-    assert (f"tfds build mnist --file_format=array_record --data_dir={data_dir}"
+    assert (f"python -m splitmask_jax.datasets --dataset=mnist --data_dir={data_dir}"
             in str(info.value))
   assert not os.path.exists(os.path.join(data_dir, "mnist"))
 
@@ -264,3 +264,57 @@ def test_tfrecord_preparation_is_rejected_with_conversion_hint(tmp_path):
     datasets.prepare_dataset("fashion_mnist", data_dir, manual_dir)
   with pytest.raises(datasets.DatasetNotPreparedError, match="ArrayRecord"):
     datasets.load_source("fashion_mnist", "train", data_dir)
+
+
+MANUAL_DATASET = "splitmask_manual_download_test"
+
+
+class _ManualDownload(tfds.core.GeneratorBasedBuilder):
+  """A TFDS dataset whose files the user downloads by hand: 8x8 grey images and
+  labels in `data.npz`. Defining it registers it under MANUAL_DATASET."""
+
+  name = MANUAL_DATASET
+  VERSION = tfds.core.Version("1.0.0")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = "Put data.npz in the manual folder."
+  code_path = None  # nothing downloaded, no checksums to look up (see datasets.py)
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(8, 8, 1)),
+        "label": tfds.features.ClassLabel(num_classes=2)}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(dl_manager.manual_dir / "data.npz")}
+
+  def _generate_examples(self, path):
+    arrays = np.load(path)
+    for i, (image, label) in enumerate(zip(arrays["images"], arrays["labels"])):
+      yield i, {"image": image, "label": label}
+
+
+def test_manual_dataset_is_prepared_from_manual_dir(tmp_path):
+  data_dir, manual_dir = str(tmp_path / "data"), tmp_path / "manual"
+  with pytest.raises(datasets.DatasetNotPreparedError) as info:
+    datasets.prepare_dataset(MANUAL_DATASET, data_dir)
+  assert (f"python -m splitmask_jax.datasets --dataset={MANUAL_DATASET} --data_dir={data_dir} "
+          "--manual_dir=FOLDER") in str(info.value)
+  assert "set --config.data.manual_dir=FOLDER" in str(info.value)
+  assert "Put data.npz in the manual folder." in str(info.value)
+  manual_dir.mkdir()
+  with pytest.raises(datasets.DatasetNotPreparedError,
+                     match=f"--config.data.manual_dir={manual_dir} is empty"):
+    datasets.prepare_dataset(MANUAL_DATASET, data_dir, str(manual_dir))
+  assert not os.path.exists(os.path.join(data_dir, MANUAL_DATASET))
+
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (6, 8, 8, 1), dtype=np.uint8)
+  labels = np.arange(6) % 2
+  np.savez(manual_dir / "data.npz", images=images, labels=labels)
+  # The command the message gives.
+  datasets.main([f"--dataset={MANUAL_DATASET}", f"--data_dir={data_dir}",
+                 f"--manual_dir={manual_dir}"])
+  source = datasets.load_source(MANUAL_DATASET, "train", data_dir)
+  got = sorted((source[i]["image"].tobytes(), int(source[i]["label"]))
+               for i in range(len(source)))
+  assert got == sorted((image.tobytes(), int(label)) for image, label in zip(images, labels))
+  assert datasets.dataset_info(MANUAL_DATASET, data_dir).num_examples == {"train": 6}

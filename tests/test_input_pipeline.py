@@ -1,5 +1,6 @@
 """Tests of splitmask_jax.input_pipeline (grain pre-training and evaluation batches)."""
 
+import functools
 import itertools
 
 import numpy as np
@@ -8,6 +9,7 @@ from absl import flags
 from PIL import Image
 
 from splitmask_jax import input_pipeline as ip
+from splitmask_jax import photometric
 
 N = 24  # Examples of the test source.
 
@@ -82,6 +84,29 @@ def test_pretrain_is_deterministic_per_seed():
 def test_masks_vary_across_examples():
   masks = np.concatenate([b["ids"] for b in _take(_pretrain(), 3)])
   assert len({m.tobytes() for m in masks}) == len(masks)
+
+
+def test_augment_fn_follows_the_crop_and_flip_and_leaves_the_masks():
+  solarize = functools.partial(photometric.small_data_augment, color_jitter_prob=0.0,
+                               grayscale_prob=0.0, blur_prob=0.0, solarize_prob=1.0)
+  plain = _take(_pretrain(), 3)
+  solarized = _take(_pretrain(augment_fn=solarize), 3)
+  for a, b in zip(plain, solarized):
+    assert a.keys() == b.keys()
+    np.testing.assert_array_equal(b["image"], np.where(a["image"] >= 128, 255 - a["image"],
+                                                       a["image"]))
+    assert not np.array_equal(a["image"], b["image"])
+    for key in ("mask", "ids"):
+      np.testing.assert_array_equal(a[key], b[key])
+  # The default augmentation draws a varying number of values per image.
+  rgb = _constant_source(channels=3)
+  plain = _take(_pretrain(rgb), 3)
+  augmented = _take(_pretrain(rgb, augment_fn=photometric.small_data_augment), 3)
+  assert not all(np.array_equal(a["image"], b["image"]) for a, b in zip(plain, augmented))
+  for a, b in zip(plain, augmented):
+    assert b["image"].shape == a["image"].shape and b["image"].dtype == np.uint8
+    for key in ("mask", "ids"):
+      np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_sharding_is_disjoint_and_matches_one_process_global_batches():
