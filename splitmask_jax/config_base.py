@@ -155,7 +155,7 @@ def _add_share_keys(data: ml_collections.ConfigDict) -> None:
 
 
 def _add_length_keys(c: ml_collections.ConfigDict, *, num_epochs: float) -> None:
-  """How long a run is: in steps, in examples or in epochs (loop.schedule_length).
+  """How long a run is: in steps, in examples or in epochs (loop.num_steps).
 
   The first of num_steps, num_examples that is set wins, else num_epochs. A
   length in examples keeps the number of updates constant whatever the size of
