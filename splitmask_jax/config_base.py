@@ -18,6 +18,7 @@ from typing import Any
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from splitmask_jax import photometric
 from splitmask_jax import sharding
 from splitmask_jax.models import vit
 
@@ -418,12 +419,7 @@ def _check_pretrain(config) -> None:
     _fail("loss.temperature", config.loss.temperature, "it must be positive")
   if config.summary_images < 0:
     _fail("summary_images", config.summary_images, "it must be >= 0 (0: off)")
-  aug = config.augment
-  if aug.color_jitter < 0:
-    _fail("augment.color_jitter", aug.color_jitter, "it must be >= 0")
-  for key in ("color_jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
-    if not 0 <= aug[key] <= 1:
-      _fail(f"augment.{key}", aug[key], "it must lie in [0, 1] (0: off)")
+  photometric.make_augment_fn(config.augment)  # raises naming a bad config.augment key
 
 
 def _check_downstream(config) -> None:

@@ -264,7 +264,8 @@ def _image_folder_builder(name: str, data_dir: str | None) -> tfds.core.DatasetB
 
 
 def prepare_dataset(name: str, data_dir: str | None, manual_dir: str | None = None, *,
-                    process_index: int = 0, download: bool = True) -> None:
+                    process_index: int = 0, download: bool = True,
+                    download_others: bool = False) -> None:
   """Makes sure that dataset `name` is on disk in `data_dir` as ArrayRecord.
 
   Does nothing when it is already prepared. A folder of images is prepared from
@@ -272,8 +273,10 @@ def prepare_dataset(name: str, data_dir: str | None, manual_dir: str | None = No
   from its four IDX files in `manual_dir` (default: where Debian's
   `dataset-fashion-mnist` puts them) and otherwise by TFDS's own download. Other
   TFDS datasets that need a manual download are prepared from `manual_dir` when it
-  is given; any other must have been prepared beforehand (`prepare`). Only the
-  process with index 0 prepares anything; the others return at once.
+  is given; any other is downloaded only with `download_others` (the command
+  `python -m splitmask_jax.datasets`: a run does not start a download of many
+  gigabytes on its own). Only the process with index 0 prepares anything; the
+  others return at once.
 
   Args:
     name: TFDS name, optionally with config and version ('name/config:1.0.0'), or
@@ -284,6 +287,8 @@ def prepare_dataset(name: str, data_dir: str | None, manual_dir: str | None = No
     process_index: this process's index (jax.process_index()).
     download: whether TFDS may try to download 'fashion_mnist' when no local
       files are found.
+    download_others: whether TFDS may download any other dataset that needs no
+      manual download.
 
   Raises:
     DatasetNotPreparedError: the dataset is missing and could not be prepared,
@@ -305,9 +310,13 @@ def prepare_dataset(name: str, data_dir: str | None, manual_dir: str | None = No
     _check_array_record(builder, name, data_dir)
     return
   if builder.name != FASHION_MNIST:
-    if manual_dir is None or not _manual_instructions(builder):
+    manual = _manual_instructions(builder)
+    if manual and manual_dir is not None:
+      _prepare_from_manual_dir(builder, name, data_dir, manual_dir)
+    elif download_others and not manual:
+      builder.download_and_prepare(file_format=tfds.core.FileFormat.ARRAY_RECORD)
+    else:
       raise DatasetNotPreparedError(_other_dataset_message(name, data_dir, builder))
-    _prepare_from_manual_dir(builder, name, data_dir, manual_dir)
     return
 
   source_dir = DEBIAN_FASHION_MNIST_DIR if manual_dir is None else manual_dir
@@ -435,28 +444,10 @@ def training_share(data) -> Sequence[dict[str, Any]]:
   return subsets.Subset(source, indices)
 
 
-def prepare(name: str, data_dir: str | None, manual_dir: str | None = None) -> None:
-  """Prepares any dataset once as ArrayRecord, downloading it when TFDS can.
-
-  What `prepare_dataset` (which a training run calls) does, plus TFDS's download
-  for the datasets it fetches itself, which a run leaves to this step: a download
-  of many gigabytes is not something a multi-host job should start on its own.
-  """
-  if image_folder.is_image_folder(name) or manual_dir is not None:
-    prepare_dataset(name, data_dir, manual_dir)
-    return
-  builder = tfds.builder(name, data_dir=data_dir)
-  if builder.name == FASHION_MNIST:
-    prepare_dataset(name, data_dir)
-    return
-  if not builder.is_prepared():
-    builder.download_and_prepare(file_format=tfds.core.FileFormat.ARRAY_RECORD)
-  _check_array_record(builder, name, data_dir)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
   """`python -m splitmask_jax.datasets --dataset=NAME [--data_dir=D] [--manual_dir=M]`."""
-  parser = argparse.ArgumentParser(description=prepare.__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(
+      description="Prepares a dataset once as ArrayRecord, downloading it when TFDS can.")
   parser.add_argument("--dataset", required=True,
                       help="a TFDS name ('domainnet/clipart') or a folder of images")
   parser.add_argument("--data_dir", default=None, help="TFDS data directory")
@@ -464,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help="folder of the manually downloaded files")
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.INFO)
-  prepare(args.dataset, args.data_dir, args.manual_dir)
+  prepare_dataset(args.dataset, args.data_dir, args.manual_dir, download_others=True)
   info = dataset_info(args.dataset, args.data_dir)
   print(f"{args.dataset}: prepared; examples per split {info.num_examples}, "
         f"{info.num_classes} classes.")
