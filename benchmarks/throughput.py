@@ -37,23 +37,26 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app
 from absl import flags
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from splitmask_jax import config_base
-from splitmask_jax import datasets
-from splitmask_jax import input_pipeline
 from splitmask_jax import masking
 from splitmask_jax import objectives
 from splitmask_jax import optim
-from splitmask_jax import sharding
 from splitmask_jax import tokenizers
 from splitmask_jax import train_step as train_step_lib
+from splitmask_jax.data import datasets
+from splitmask_jax.data import input_pipeline
+from splitmask_jax.runtime import sharding
 
 MASK_RATIO = {"splitmask": 0.5, "beit": 0.4}
 
 
-def make_config(spec: str, objective: str, *, batch_size: int, vocab_size: int,
-                channels: int, dtype: str):
+def make_config(
+  spec: str, objective: str, *, batch_size: int, vocab_size: int, channels: int, dtype: str
+):
   """A run config for `VARIANT@IMAGE_SIZE` with the paper's recipe otherwise.
 
   The tokenizer view has half the image's resolution, as in the paper (8 px
@@ -77,14 +80,14 @@ def make_config(spec: str, objective: str, *, batch_size: int, vocab_size: int,
 def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
   """One host batch: uniform random pixels and masks drawn by the run's mask function."""
   grid = config_base.grid_size(config)
-  mask_fn = masking.make_mask_fn(config.objective, grid, config.masking.ratio,
-                                 kind=config.masking.kind)
+  mask_fn = masking.make_mask_fn(
+    config.objective, grid, config.masking.ratio, kind=config.masking.kind
+  )
   rng = np.random.default_rng(seed)
   masks = [mask_fn(rng) for _ in range(config.batch_size)]
   batch = {k: np.stack([m[k] for m in masks]) for k in masks[0]}
   size, channels = config.model.image_size, config.model.num_channels
-  batch["image"] = rng.integers(0, 256, (config.batch_size, size, size, channels),
-                                dtype=np.uint8)
+  batch["image"] = rng.integers(0, 256, (config.batch_size, size, size, channels), dtype=np.uint8)
   return batch
 
 
@@ -113,16 +116,23 @@ def jax_step(config, *, steps: int, warmup: int, trace_dir: str | None = None) -
   schedule = optim.learning_rate_schedule(config.optim, config.batch_size, 10_000, 100.0)
   optimizer = optim.make_optimizer(config.optim, schedule)
   codebook = tokenizers.random_projection_codebook(
-      jax.random.PRNGKey(1), config.tokenizer.vocab_size,
-      tokenizers.codebook_dim(config.tokenizer.patch_size, config.model.num_channels))
+    jax.random.PRNGKey(1),
+    config.tokenizer.vocab_size,
+    tokenizers.codebook_dim(config.tokenizer.patch_size, config.model.num_channels),
+  )
   mesh = sharding.make_mesh(config.mesh, jax.local_devices())
   host_batch = synthetic_batch(config)
   state = train_step_lib.init_train_state(
-      model, optimizer, codebook,
-      objectives.example_inputs(config, {k: v[0] for k, v in host_batch.items()}),
-      jax.random.PRNGKey(0), mesh)
-  step = train_step_lib.make_train_step(objectives.step_loss(loss_fn), optimizer, schedule,
-                                        config.seed, mesh, state)
+    model,
+    optimizer,
+    codebook,
+    objectives.example_inputs(config, {k: v[0] for k, v in host_batch.items()}),
+    jax.random.PRNGKey(0),
+    mesh,
+  )
+  step = train_step_lib.make_train_step(
+    objectives.step_loss(loss_fn), optimizer, schedule, config.seed, mesh, state
+  )
   batch = sharding.global_batch(host_batch, mesh)
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
@@ -141,20 +151,30 @@ def jax_step(config, *, steps: int, warmup: int, trace_dir: str | None = None) -
       for _ in range(steps):
         run()
   num_params = sum(x.size for x in jax.tree.leaves(holder[0].params))
-  return {"images_per_sec": config.batch_size / seconds, "step_s": seconds,
-          "flops_per_step": flops, "compile_s": compile_s, "num_params": num_params}
+  return {
+    "images_per_sec": config.batch_size / seconds,
+    "step_s": seconds,
+    "flops_per_step": flops,
+    "compile_s": compile_s,
+    "num_params": num_params,
+  }
 
 
 def torch_step(config, *, steps: int, warmup: int) -> dict:
   """Times the PyTorch + timm peer of the SplitMask step on the same kind of batch."""
   from benchmarks import torch_peer  # pylint: disable=import-outside-toplevel
+
   step, setup = torch_peer.make_step(config, synthetic_batch(config))
   start = time.perf_counter()
   step()
   first_step_s = time.perf_counter() - start  # torch.compile compiles here
   seconds = _timed(step, steps, warmup)
-  return {"images_per_sec": config.batch_size / seconds, "step_s": seconds,
-          "first_step_s": first_step_s, **setup}
+  return {
+    "images_per_sec": config.batch_size / seconds,
+    "step_s": seconds,
+    "first_step_s": first_step_s,
+    **setup,
+  }
 
 
 def matmul_peak(dtype: str, size: int, reps: int = 5) -> float:
@@ -165,8 +185,9 @@ def matmul_peak(dtype: str, size: int, reps: int = 5) -> float:
   a = jax.device_put(jnp.ones((len(devices), size, size), dtype), spec)
   matmul = jax.jit(lambda x: jnp.einsum("bij,bjk->bik", x, x), out_shardings=spec)
   matmul(a).block_until_ready()
-  best = min(_timed(lambda: matmul(a).block_until_ready(), 1, 0, min_seconds=0)
-             for _ in range(reps))
+  best = min(
+    _timed(lambda: matmul(a).block_until_ready(), 1, 0, min_seconds=0) for _ in range(reps)
+  )
   return 2 * size**3 / best
 
 
@@ -175,52 +196,79 @@ def pipeline(config, *, num_workers: int, batches: int, data_dir: str | None) ->
   datasets.prepare_dataset("fashion_mnist", data_dir)
   source = datasets.load_source("fashion_mnist", "train", data_dir)
   grid = config_base.grid_size(config)
-  mask_fn = masking.make_mask_fn(config.objective, grid, config.masking.ratio,
-                                 kind=config.masking.kind)
-  data = iter(input_pipeline.pretrain_dataset(
-      source, batch_size=config.batch_size, image_size=config.model.image_size,
-      crop_scale=tuple(config.data.crop_scale), mask_fn=mask_fn, seed=0,
-      num_workers=num_workers))
+  mask_fn = masking.make_mask_fn(
+    config.objective, grid, config.masking.ratio, kind=config.masking.kind
+  )
+  data = iter(
+    input_pipeline.pretrain_dataset(
+      source,
+      batch_size=config.batch_size,
+      image_size=config.model.image_size,
+      crop_scale=tuple(config.data.crop_scale),
+      mask_fn=mask_fn,
+      seed=0,
+      num_workers=num_workers,
+    )
+  )
   seconds = _timed(lambda: next(data), batches, warmup=2 + num_workers)
   return config.batch_size / seconds
 
 
 def _environment() -> dict:
-  cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-              if line.startswith("model name")), platform.processor())
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
-  dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                         capture_output=True, text=True).stdout.strip()
+  cpu = next(
+    (
+      line.split(":", 1)[1].strip()
+      for line in open("/proc/cpuinfo")
+      if line.startswith("model name")
+    ),
+    platform.processor(),
+  )
+  commit = subprocess.run(
+    ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+  ).stdout.strip()
+  dirty = subprocess.run(
+    ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+  ).stdout.strip()
   device = jax.local_devices()[0]
-  return {"date": datetime.datetime.now().astimezone().isoformat(timespec="minutes"),
-          "commit": commit + ("-dirty" if dirty else ""), "cpu": cpu,
-          "cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
-          "device": f"{jax.local_device_count()} x {device.device_kind}",
-          "platform": device.platform, "jax": jax.__version__}
+  return {
+    "date": datetime.datetime.now().astimezone().isoformat(timespec="minutes"),
+    "commit": commit + ("-dirty" if dirty else ""),
+    "cpu": cpu,
+    "cpu_count": os.cpu_count(),
+    "load_avg_1m": os.getloadavg()[0],
+    "device": f"{jax.local_device_count()} x {device.device_kind}",
+    "platform": device.platform,
+    "jax": jax.__version__,
+  }
 
 
-_CONFIGS = flags.DEFINE_list("configs", ["Test/8@32", "Mini/8@32", "Ti/8@64"],
-                             "Model configs as VARIANT@IMAGE_SIZE, e.g. B/16@224.")
-_OBJECTIVES = flags.DEFINE_list("objectives", list(config_base.OBJECTIVES),
-                                "Objectives to time.")
+_CONFIGS = flags.DEFINE_list(
+  "configs",
+  ["Test/8@32", "Mini/8@32", "Ti/8@64"],
+  "Model configs as VARIANT@IMAGE_SIZE, e.g. B/16@224.",
+)
+_OBJECTIVES = flags.DEFINE_list("objectives", list(config_base.OBJECTIVES), "Objectives to time.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Global batch size.")
 _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 8192, "Visual words.")
 _CHANNELS = flags.DEFINE_integer("channels", 3, "Image channels of the step benchmark.")
-_DTYPE = flags.DEFINE_string("dtype", None,
-                             "Compute dtype; default float32 on CPU, bfloat16 elsewhere.")
+_DTYPE = flags.DEFINE_string(
+  "dtype", None, "Compute dtype; default float32 on CPU, bfloat16 elsewhere."
+)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
 _MATMUL_SIZE = flags.DEFINE_integer(
-    "matmul_size", None, "Side of the peak matmul; default 2048 on CPU, 8192 elsewhere.")
+  "matmul_size", None, "Side of the peak matmul; default 2048 on CPU, 8192 elsewhere."
+)
 _PEER = flags.DEFINE_bool("peer", False, "Also time the PyTorch + timm SplitMask step.")
 _PIPELINE_WORKERS = flags.DEFINE_list(
-    "pipeline_workers", [], "Time the input pipeline with these numbers of workers.")
+  "pipeline_workers", [], "Time the input pipeline with these numbers of workers."
+)
 _PIPELINE_BATCHES = flags.DEFINE_integer("pipeline_batches", 100, "Timed pipeline batches.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir of the pipeline benchmark.")
 _JSON = flags.DEFINE_string("json", None, "Write every measurement to this file.")
 _TRACE_DIR = flags.DEFINE_string(
-    "trace_dir", None, "Trace --steps JAX steps of each measurement in TRACE_DIR/CONFIG/OBJECTIVE.")
+  "trace_dir", None, "Trace --steps JAX steps of each measurement in TRACE_DIR/CONFIG/OBJECTIVE."
+)
 
 
 def main(argv):
@@ -228,28 +276,43 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   for objective in _OBJECTIVES.value:
     if objective not in config_base.OBJECTIVES:
-      raise app.UsageError(f"--objectives: {objective!r} is not one of "
-                           f"{config_base.OBJECTIVES}")
+      raise app.UsageError(f"--objectives: {objective!r} is not one of {config_base.OBJECTIVES}")
   env = _environment()
   on_cpu = env["platform"] == "cpu"
   dtype = _DTYPE.value or ("float32" if on_cpu else "bfloat16")
   peak = matmul_peak(dtype, _MATMUL_SIZE.value or (2048 if on_cpu else 8192))
   batch_size = _BATCH_SIZE.value
   print(f"{env}\npeak {dtype} matmul: {peak / 1e12:.3f} TFLOP/s per device\n")
-  print("| config | objective | params | batch | JAX img/s | TFLOP/s | MFU | "
-        "PyTorch img/s | JAX / PyTorch |")
+  print(
+    "| config | objective | params | batch | JAX img/s | TFLOP/s | MFU | "
+    "PyTorch img/s | JAX / PyTorch |"
+  )
   print("|---|---|---|---|---|---|---|---|---|")
   rows = []
   for spec in _CONFIGS.value:
     for objective in _OBJECTIVES.value:
-      config = make_config(spec, objective, batch_size=batch_size,
-                           vocab_size=_VOCAB_SIZE.value, channels=_CHANNELS.value,
-                           dtype=dtype)
-      row = {"config": spec, "objective": objective, "batch_size": batch_size,
-             "vocab_size": _VOCAB_SIZE.value, "dtype": dtype,
-             **jax_step(config, steps=_STEPS.value, warmup=_WARMUP.value,
-                        trace_dir=_TRACE_DIR.value and os.path.join(
-                            _TRACE_DIR.value, spec.replace("/", "_"), objective))}
+      config = make_config(
+        spec,
+        objective,
+        batch_size=batch_size,
+        vocab_size=_VOCAB_SIZE.value,
+        channels=_CHANNELS.value,
+        dtype=dtype,
+      )
+      row = {
+        "config": spec,
+        "objective": objective,
+        "batch_size": batch_size,
+        "vocab_size": _VOCAB_SIZE.value,
+        "dtype": dtype,
+        **jax_step(
+          config,
+          steps=_STEPS.value,
+          warmup=_WARMUP.value,
+          trace_dir=_TRACE_DIR.value
+          and os.path.join(_TRACE_DIR.value, spec.replace("/", "_"), objective),
+        ),
+      }
       row["tflops"] = row["flops_per_step"] / row["step_s"] / 1e12
       row["mfu"] = row["tflops"] * 1e12 / (peak * jax.local_device_count())
       peer = "- | -"
@@ -258,9 +321,12 @@ def main(argv):
         row["jax_over_torch"] = row["images_per_sec"] / row["torch"]["images_per_sec"]
         peer = f"{row['torch']['images_per_sec']:.1f} | {row['jax_over_torch']:.2f}"
       rows.append(row)
-      print(f"| {spec} | {objective} | {row['num_params'] / 1e6:.2f}M | {batch_size} | "
-            f"{row['images_per_sec']:.1f} | {row['tflops']:.3f} | {row['mfu']:.1%} | "
-            f"{peer} |", flush=True)
+      print(
+        f"| {spec} | {objective} | {row['num_params'] / 1e6:.2f}M | {batch_size} | "
+        f"{row['images_per_sec']:.1f} | {row['tflops']:.3f} | {row['mfu']:.1%} | "
+        f"{peer} |",
+        flush=True,
+      )
 
   pipeline_rows = []
   if _PIPELINE_WORKERS.value:
@@ -269,22 +335,36 @@ def main(argv):
     configs = {}
     for spec in _CONFIGS.value:
       # Fashion-MNIST is grey: one channel.
-      config = make_config(spec, "splitmask", batch_size=batch_size,
-                           vocab_size=_VOCAB_SIZE.value, channels=1, dtype=dtype)
+      config = make_config(
+        spec,
+        "splitmask",
+        batch_size=batch_size,
+        vocab_size=_VOCAB_SIZE.value,
+        channels=1,
+        dtype=dtype,
+      )
       configs.setdefault((config.model.image_size, config_base.grid_size(config)), config)
     for (size, grid), config in configs.items():
       for workers in map(int, _PIPELINE_WORKERS.value):
-        rate = pipeline(config, num_workers=workers, batches=_PIPELINE_BATCHES.value,
-                        data_dir=_DATA_DIR.value)
-        pipeline_rows.append({"image_size": size, "grid": grid, "workers": workers,
-                              "images_per_sec": rate})
-        print(f"| Fashion-MNIST -> {size} px, SplitMask masks on {grid[0]}x{grid[1]} | "
-              f"{workers} | {batch_size} | {rate:.0f} |", flush=True)
+        rate = pipeline(
+          config, num_workers=workers, batches=_PIPELINE_BATCHES.value, data_dir=_DATA_DIR.value
+        )
+        pipeline_rows.append(
+          {"image_size": size, "grid": grid, "workers": workers, "images_per_sec": rate}
+        )
+        print(
+          f"| Fashion-MNIST -> {size} px, SplitMask masks on {grid[0]}x{grid[1]} | "
+          f"{workers} | {batch_size} | {rate:.0f} |",
+          flush=True,
+        )
 
   if _JSON.value:
     with open(_JSON.value, "w") as f:
-      json.dump({"environment": env, "peak_flops": peak, "steps": rows,
-                 "pipeline": pipeline_rows}, f, indent=2)
+      json.dump(
+        {"environment": env, "peak_flops": peak, "steps": rows, "pipeline": pipeline_rows},
+        f,
+        indent=2,
+      )
 
 
 if __name__ == "__main__":

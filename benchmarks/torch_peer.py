@@ -23,7 +23,8 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import Block
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from splitmask_jax import config_base
@@ -48,21 +49,34 @@ class SplitMaskLoss(nn.Module):
     mlp_ratio = arch["mlp_dim"] / width
     num_patches = self.grid[0] * self.grid[1]
     self.encoder = VisionTransformer(
-        img_size=config.model.image_size, patch_size=patch,
-        in_chans=config.model.num_channels, num_classes=0, global_pool="",
-        embed_dim=width, depth=arch["depth"], num_heads=heads, mlp_ratio=mlp_ratio,
-        qkv_bias=True, class_token=False, drop_path_rate=config.model.drop_path)
+      img_size=config.model.image_size,
+      patch_size=patch,
+      in_chans=config.model.num_channels,
+      num_classes=0,
+      global_pool="",
+      embed_dim=width,
+      depth=arch["depth"],
+      num_heads=heads,
+      mlp_ratio=mlp_ratio,
+      qkv_bias=True,
+      class_token=False,
+      drop_path_rate=config.model.drop_path,
+    )
     self.decoder_input = nn.Linear(width, width)
     self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
     self.decoder_pos = nn.Parameter(torch.zeros(1, num_patches, width))
     nn.init.trunc_normal_(self.mask_token, std=0.02)
     nn.init.trunc_normal_(self.decoder_pos, std=0.02)
-    self.decoder = nn.Sequential(*[Block(width, heads, mlp_ratio, qkv_bias=True)
-                                   for _ in range(config.model.decoder_depth)])
+    self.decoder = nn.Sequential(
+      *[Block(width, heads, mlp_ratio, qkv_bias=True) for _ in range(config.model.decoder_depth)]
+    )
     self.decoder_norm = nn.LayerNorm(width, eps=1e-6)
     self.head = nn.Linear(width, config.tokenizer.vocab_size)
-    codebook = F.normalize(torch.rand(config.tokenizer.vocab_size, self.token_patch**2 *
-                                      config.model.num_channels) * 2 - 1, dim=-1)
+    codebook = F.normalize(
+      torch.rand(config.tokenizer.vocab_size, self.token_patch**2 * config.model.num_channels) * 2
+      - 1,
+      dim=-1,
+    )
     self.register_buffer("codebook", codebook)
 
   def _tokens(self, images: torch.Tensor) -> torch.Tensor:
@@ -83,8 +97,7 @@ class SplitMaskLoss(nn.Module):
     x = _gather(torch.cat([x, x]), visible)  # each branch's visible tokens only
     x = enc.norm(enc.blocks(x))
     filler = (self.mask_token + self.decoder_pos).expand(x.shape[0], -1, -1)
-    x = filler.scatter(1, visible[..., None].expand(-1, -1, x.shape[-1]),
-                       self.decoder_input(x))
+    x = filler.scatter(1, visible[..., None].expand(-1, -1, x.shape[-1]), self.decoder_input(x))
     features = self.decoder_norm(self.decoder(x))
     logits = self.head(_gather(features, masked)).float()
     # Tokens from float32 similarities, as the JAX tokenizer computes them.
@@ -112,13 +125,19 @@ def make_step(config, host_batch: dict[str, np.ndarray]) -> tuple[Callable[[], N
   decay = [p for p in model.parameters() if p.ndim > 1]
   no_decay = [p for p in model.parameters() if p.ndim <= 1]
   optimizer = torch.optim.AdamW(
-      [{"params": decay, "weight_decay": config.optim.weight_decay},
-       {"params": no_decay, "weight_decay": 0.0}],
-      lr=1e-4, betas=(config.optim.b1, config.optim.b2))
+    [
+      {"params": decay, "weight_decay": config.optim.weight_decay},
+      {"params": no_decay, "weight_decay": 0.0},
+    ],
+    lr=1e-4,
+    betas=(config.optim.b1, config.optim.b2),
+  )
   loss_fn = torch.compile(model)
   keys = ("image", "visible_a", "visible_b", "masked_a", "masked_b")
-  batch = [torch.from_numpy(np.asarray(host_batch[k], np.uint8 if k == "image" else np.int64))
-           .to(device) for k in keys]
+  batch = [
+    torch.from_numpy(np.asarray(host_batch[k], np.uint8 if k == "image" else np.int64)).to(device)
+    for k in keys
+  ]
   autocast = device.type == "cuda" and config.model.dtype == "bfloat16"
 
   def step():

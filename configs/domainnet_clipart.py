@@ -1,14 +1,15 @@
 r"""DomainNet clipart: SplitMask (or BEiT) pre-training on its own images, then fine-tuning.
 
 TFDS `domainnet/clipart`; 5,000 epochs (34,019 images), the small-data recipe. Getting
-the data: TFDS downloads it: python -m splitmask_jax.datasets --dataset=domainnet/clipart.
+the data: TFDS downloads it: python -m splitmask_jax.data --dataset=domainnet/clipart.
 
   python -m splitmask_jax.main --config=configs/domainnet_clipart.py --workdir=W
   python -m splitmask_jax.main --config=configs/domainnet_clipart.py:beit --workdir=W_beit
   python -m splitmask_jax.main --config=configs/domainnet_clipart.py:finetune \
       --config.init.workdir=W --workdir=W_ft
 
-Variants (comma-separated after the colon) and the recipe: splitmask_jax/recipes.py.
+Options (comma-separated after the colon; splitmask_jax/config_args.py) and the recipe:
+splitmask_jax/recipes.py.
 """
 
 from splitmask_jax import recipes

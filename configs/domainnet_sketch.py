@@ -1,14 +1,15 @@
 r"""DomainNet sketch: SplitMask (or BEiT) pre-training on its own images, then fine-tuning.
 
 TFDS `domainnet/sketch`; 5,000 epochs (49,115 images), the small-data recipe. Getting
-the data: TFDS downloads it: python -m splitmask_jax.datasets --dataset=domainnet/sketch.
+the data: TFDS downloads it: python -m splitmask_jax.data --dataset=domainnet/sketch.
 
   python -m splitmask_jax.main --config=configs/domainnet_sketch.py --workdir=W
   python -m splitmask_jax.main --config=configs/domainnet_sketch.py:beit --workdir=W_beit
   python -m splitmask_jax.main --config=configs/domainnet_sketch.py:finetune \
       --config.init.workdir=W --workdir=W_ft
 
-Variants (comma-separated after the colon) and the recipe: splitmask_jax/recipes.py.
+Options (comma-separated after the colon; splitmask_jax/config_args.py) and the recipe:
+splitmask_jax/recipes.py.
 """
 
 from splitmask_jax import recipes

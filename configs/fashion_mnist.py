@@ -6,22 +6,21 @@ k-NN accuracy of its features on the test split beside a random-init encoder.
   python -m splitmask_jax.main --config=configs/fashion_mnist.py --workdir=workdirs/fmnist
   python -m splitmask_jax.main --config=configs/fashion_mnist.py:beit --workdir=workdirs/fmnist_beit
 
-Variants, comma-separated after the colon: `beit` (the BEiT objective instead of
+Options, comma-separated after the colon: `beit` (the BEiT objective instead of
 SplitMask), `test` (a tiny model for a few steps, for smoke tests).
 """
 
+from splitmask_jax import config_args
 from splitmask_jax import config_base
+from splitmask_jax import recipes
 
-VARIANTS = ("beit", "test")
+OPTIONS = (config_args.BEIT, config_args.TEST)
 
 
 def get_config(arg: str | None = None):
-  args = {a for a in (arg or "").split(",") if a}
-  unknown = args - set(VARIANTS)
-  if unknown:
-    raise ValueError(f"Unknown config variants {sorted(unknown)}; allowed: {VARIANTS}")
+  args = config_args.parse(arg, OPTIONS)
   c = config_base.base_config()
-  c.objective = "beit" if "beit" in args else "splitmask"
+  c.objective = "beit" if args.beit else "splitmask"
 
   # 28 px images cropped and resized to 32 px: a 4x4 grid of 8 px patches keeps
   # a step cheap enough for ~400 images/s on 2 CPU cores.
@@ -67,19 +66,6 @@ def get_config(arg: str | None = None):
   c.knn.num_test = 5_000
   c.knn.batch_size = 512
 
-  if "test" in args:
-    c.model.variant = "Test/8"
-    c.tokenizer.vocab_size = 64
-    c.tokenizer.kmeans_num_patches = 4096
-    c.tokenizer.kmeans_iters = 3
-    c.batch_size = 16
-    c.num_steps = 4
-    c.log_every = 2
-    c.eval_every = 4
-    c.eval_batches = 2
-    c.checkpoint_every = 2
-    c.knn.num_train = 200
-    c.knn.num_test = 100
-    c.knn.batch_size = 40
-    c.knn.k = 5
+  if args.test:
+    recipes.use_test_settings(c)
   return c

@@ -10,24 +10,23 @@ label smoothing 0.1, stochastic depth 0.1, test crop 0.875.
       --config.init.workdir=workdirs/fmnist --workdir=workdirs/fmnist_probe
 
 Without --config.init.workdir the encoder starts from random init (the
-baseline). Variants, comma-separated after the colon: `probe` (linear probes on
-every block instead of fine-tuning), `labels10` (a class-balanced 10% of the
-training labels, with as many updates as on the full split), `test` (a tiny
-model for a few steps, for smoke tests).
+baseline). Options, comma-separated after the colon: `probe` (linear probes on
+every block instead of fine-tuning), `share=<fraction>` (a class-balanced share
+of the training labels, e.g. `share=0.1`, with as many updates as on the full
+split), `test` (a tiny model for a few steps, for smoke tests).
 """
 
+from splitmask_jax import config_args
 from splitmask_jax import config_base
+from splitmask_jax import recipes
 
-VARIANTS = ("probe", "labels10", "test")
+OPTIONS = (config_args.PROBE, config_args.SHARE, config_args.TEST)
 
 
 def get_config(arg: str | None = None):
-  args = {a for a in (arg or "").split(",") if a}
-  unknown = args - set(VARIANTS)
-  if unknown:
-    raise ValueError(f"Unknown config variants {sorted(unknown)}; allowed: {VARIANTS}")
+  args = config_args.parse(arg, OPTIONS)
   c = config_base.downstream_config()
-  c.task = "probe" if "probe" in args else "finetune"
+  c.task = "probe" if args.probe else "finetune"
 
   # Must match the pre-training run (configs/fashion_mnist.py).
   c.model.variant = "Mini/8"
@@ -55,22 +54,12 @@ def get_config(arg: str | None = None):
   c.eval_every = 500
   c.checkpoint_every = 500
 
-  if "labels10" in args:
-    c.data.train_fraction = 0.1
-    # As many updates as the full split gets (the constant-updates protocol).
-    c.num_epochs *= 1 / c.data.train_fraction
-    c.optim.warmup_epochs *= 1 / c.data.train_fraction
+  # On a share of the labels, as many updates as the full split gets (the
+  # constant-updates protocol).
+  c.data.train_fraction = args.share
+  c.num_epochs /= args.share
+  c.optim.warmup_epochs /= args.share
 
-  if "test" in args:
-    c.model.variant = "Test/8"
-    c.batch_size = 16
-    c.eval_batch_size = 40
-    c.num_steps = 4
-    c.log_every = 2
-    c.eval_every = 4
-    c.checkpoint_every = 2
-    c.probe.num_train = 200
-    c.probe.num_test = 100
-    c.probe.epochs = 3
-    c.probe.batch_size = 64
+  if args.test:
+    recipes.use_test_settings(c)
   return c

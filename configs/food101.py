@@ -8,7 +8,8 @@ build food101 --file_format=array_record.
   python -m splitmask_jax.main --config=configs/food101.py:finetune \
       --config.init.workdir=W --workdir=W_ft
 
-Variants (comma-separated after the colon) and the recipe: splitmask_jax/recipes.py.
+Options (comma-separated after the colon; splitmask_jax/config_args.py) and the recipe:
+splitmask_jax/recipes.py.
 """
 
 from splitmask_jax import recipes

@@ -11,7 +11,8 @@ ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar: put them in a folder and ad
   python -m splitmask_jax.main --config=configs/imagenet.py:finetune \
       --config.init.workdir=W --workdir=W_ft
 
-Variants (comma-separated after the colon) and the recipe: splitmask_jax/recipes.py.
+Options (comma-separated after the colon; splitmask_jax/config_args.py) and the recipe:
+splitmask_jax/recipes.py.
 """
 
 from splitmask_jax import recipes

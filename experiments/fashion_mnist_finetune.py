@@ -35,20 +35,27 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PRETRAIN_CONFIG = "configs/fashion_mnist.py"
 FINETUNE_CONFIG = "configs/fashion_mnist_finetune.py"
 INITS = ("random_init", "beit", "splitmask")
-LABELS = {"full": "", "10%": "labels10"}
+LABELS = {"full": "", "10%": "share=0.1"}
 # 'table9': the paper's fine-tuning recipe as configs/fashion_mnist_finetune.py sets
 # it. 'light': the same without RandAugment, mixup and cutmix, for schedules too
 # short for that much regularisation.
-RECIPES = {"table9": [], "light": ["--config.augment.randaugment_ops=0",
-                                   "--config.augment.mixup=0", "--config.augment.cutmix=0"]}
+RECIPES = {
+  "table9": [],
+  "light": [
+    "--config.augment.randaugment_ops=0",
+    "--config.augment.mixup=0",
+    "--config.augment.cutmix=0",
+  ],
+}
 
 
 def run_stage(name: str, args: list[str], workdir: pathlib.Path, log: dict) -> dict:
   """Runs one stage unless its workdir is finished; returns its final metrics."""
   cmd = [sys.executable, "-m", "splitmask_jax.main", *args, f"--workdir={workdir}"]
   final = workdir / "final_metrics.json"
-  shown = " ".join(["python", "-m", "splitmask_jax.main", *args,
-                    f"--workdir={os.path.relpath(workdir, ROOT)}"]).replace(f"{ROOT}/", "")
+  shown = " ".join(
+    ["python", "-m", "splitmask_jax.main", *args, f"--workdir={os.path.relpath(workdir, ROOT)}"]
+  ).replace(f"{ROOT}/", "")
   log["commands"].append(shown)
   if not final.exists():
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {shown}", flush=True)
@@ -64,8 +71,10 @@ def run_stage(name: str, args: list[str], workdir: pathlib.Path, log: dict) -> d
 
 
 def _table(summary: dict, seeds: list[int], labels_run: list[str]) -> str:
-  lines = ["| init | labels | test top-1 (mean ± std) | per seed | fine-tune wall (s, mean) |",
-           "|---|---|---|---|---|"]
+  lines = [
+    "| init | labels | test top-1 (mean ± std) | per seed | fine-tune wall (s, mean) |",
+    "|---|---|---|---|---|",
+  ]
   for labels in labels_run:
     for init in INITS:
       runs = summary["finetune"][labels][init]
@@ -73,8 +82,10 @@ def _table(summary: dict, seeds: list[int], labels_run: list[str]) -> str:
       walls = [runs[str(s)]["wall_s"] for s in seeds if runs[str(s)].get("wall_s")]
       spread = f" ± {acc.std(ddof=1):.2f}" if len(acc) > 1 else ""
       wall = f"{np.mean(walls):.0f}" if walls else "n/a"
-      lines.append(f"| {init} | {labels} | {acc.mean():.2f}{spread} | "
-                   f"{', '.join(f'{a:.2f}' for a in acc)} | {wall} |")
+      lines.append(
+        f"| {init} | {labels} | {acc.mean():.2f}{spread} | "
+        f"{', '.join(f'{a:.2f}' for a in acc)} | {wall} |"
+      )
   return "\n".join(lines)
 
 
@@ -83,14 +94,27 @@ def main():
   parser.add_argument("--out", default="workdirs/experiment", help="folder of all runs")
   parser.add_argument("--seeds", default="0,1", help="comma-separated seeds")
   parser.add_argument("--pretrain_epochs", type=float, default=2.0)
-  parser.add_argument("--finetune_epochs", type=float, default=1.0,
-                      help="epochs on the full split; the 10%% runs do as many updates")
-  parser.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
-                      help="probe every block of seed 0's encoders")
-  parser.add_argument("--recipe", choices=sorted(RECIPES), default="table9",
-                      help="fine-tuning augmentation (see RECIPES)")
-  parser.add_argument("--labels", default=",".join(LABELS),
-                      help="comma-separated label shares among full, 10%%")
+  parser.add_argument(
+    "--finetune_epochs",
+    type=float,
+    default=1.0,
+    help="epochs on the full split; the 10%% runs do as many updates",
+  )
+  parser.add_argument(
+    "--probe",
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="probe every block of seed 0's encoders",
+  )
+  parser.add_argument(
+    "--recipe",
+    choices=sorted(RECIPES),
+    default="table9",
+    help="fine-tuning augmentation (see RECIPES)",
+  )
+  parser.add_argument(
+    "--labels", default=",".join(LABELS), help="comma-separated label shares among full, 10%%"
+  )
   args = parser.parse_args()
   labels_run = args.labels.split(",")
   if set(labels_run) - set(LABELS):
@@ -101,27 +125,47 @@ def main():
     out = ROOT / out
   seeds = [int(s) for s in args.seeds.split(",")]
   log = {"commands": [], "wall_s": {}}
-  summary = {"seeds": seeds, "recipe": args.recipe, "pretrain": {},
-             "finetune": {k: {i: {} for i in INITS} for k in labels_run}, "probe": {}}
+  summary = {
+    "seeds": seeds,
+    "recipe": args.recipe,
+    "pretrain": {},
+    "finetune": {k: {i: {} for i in INITS} for k in labels_run},
+    "probe": {},
+  }
   t_start = time.time()
   for seed in seeds:
     for method in ("splitmask", "beit"):
       variant = ":beit" if method == "beit" else ""
       name = f"pretrain/{method}/seed{seed}"
-      final = run_stage(name, [f"--config={PRETRAIN_CONFIG}{variant}", f"--config.seed={seed}",
-                          f"--config.num_epochs={args.pretrain_epochs}",
-                          "--config.knn.enabled=False"], out / name, log)
+      final = run_stage(
+        name,
+        [
+          f"--config={PRETRAIN_CONFIG}{variant}",
+          f"--config.seed={seed}",
+          f"--config.num_epochs={args.pretrain_epochs}",
+          "--config.knn.enabled=False",
+        ],
+        out / name,
+        log,
+      )
       summary["pretrain"].setdefault(method, {})[str(seed)] = {
-          "val_loss": final.get("val_loss"), "wall_s": log["wall_s"].get(name)}
+        "val_loss": final.get("val_loss"),
+        "wall_s": log["wall_s"].get(name),
+      }
     for labels in labels_run:
       variant = LABELS[labels]
       for init in INITS:
         name = f"finetune{suffix}/{init}/{'labels10' if variant else 'full'}/seed{seed}"
-        flags = [f"--config={FINETUNE_CONFIG}{':' + variant if variant else ''}",
-                 f"--config.seed={seed}", *RECIPES[args.recipe]]
+        flags = [
+          f"--config={FINETUNE_CONFIG}{':' + variant if variant else ''}",
+          f"--config.seed={seed}",
+          *RECIPES[args.recipe],
+        ]
         scale = 10.0 if variant else 1.0  # the 10% runs keep the full split's updates
-        flags += [f"--config.num_epochs={args.finetune_epochs * scale}",
-                  f"--config.optim.warmup_epochs={0.2 * args.finetune_epochs * scale}"]
+        flags += [
+          f"--config.num_epochs={args.finetune_epochs * scale}",
+          f"--config.optim.warmup_epochs={0.2 * args.finetune_epochs * scale}",
+        ]
         if init == "random_init":
           # Layer decay keeps the lower blocks near their initialisation, which
           # only helps when that initialisation was learned: from scratch every
@@ -131,13 +175,22 @@ def main():
           flags.append(f"--config.init.workdir={out / 'pretrain' / init / f'seed{seed}'}")
         final = run_stage(name, flags, out / name, log)
         summary["finetune"][labels][init][str(seed)] = {
-            "test_top1": final["test_top1"], "wall_s": log["wall_s"].get(name)}
+          "test_top1": final["test_top1"],
+          "wall_s": log["wall_s"].get(name),
+        }
     if args.probe and seed == seeds[0]:
       for method in ("splitmask", "beit"):
         name = f"probe/{method}/seed{seed}"
-        final = run_stage(name, [f"--config={FINETUNE_CONFIG}:probe", f"--config.seed={seed}",
-                            f"--config.init.workdir={out / 'pretrain' / method / f'seed{seed}'}"],
-                     out / name, log)
+        final = run_stage(
+          name,
+          [
+            f"--config={FINETUNE_CONFIG}:probe",
+            f"--config.seed={seed}",
+            f"--config.init.workdir={out / 'pretrain' / method / f'seed{seed}'}",
+          ],
+          out / name,
+          log,
+        )
         summary["probe"][method] = final
   summary["wall_s"] = log["wall_s"]
   summary["total_wall_s"] = sum(v for v in log["wall_s"].values() if v)
@@ -146,8 +199,10 @@ def main():
   table = _table(summary, seeds, labels_run)
   (out / f"results{suffix}.md").write_text(table + "\n")
   print(table)
-  print(f"Total wall time of the runs: {summary['total_wall_s'] / 60:.1f} min "
-        f"(this invocation: {(time.time() - t_start) / 60:.1f} min)")
+  print(
+    f"Total wall time of the runs: {summary['total_wall_s'] / 60:.1f} min "
+    f"(this invocation: {(time.time() - t_start) / 60:.1f} min)"
+  )
 
 
 if __name__ == "__main__":

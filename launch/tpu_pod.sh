@@ -8,7 +8,7 @@
 #
 # The same command runs on all workers (gcloud ... ssh --worker=all). On a TPU
 # VM, JAX finds the pod's workers, the coordinator (worker 0) and this worker's
-# index in the VM's metadata (distributed.py), so no flags are needed.
+# index in the VM's metadata (splitmask_jax/runtime/distributed.py), so no flags are needed.
 # SETUP=1 first copies this checkout to ~/splitmask_jax on every worker and
 # installs it with jax[tpu].
 #

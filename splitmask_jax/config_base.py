@@ -18,12 +18,13 @@ from typing import Any
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from splitmask_jax import photometric
-from splitmask_jax import sharding
+from splitmask_jax import objectives
+from splitmask_jax.data import photometric
 from splitmask_jax.models import vit
+from splitmask_jax.runtime import sharding
 
 TASKS = ("pretrain", "finetune", "probe")
-OBJECTIVES = ("splitmask", "beit")
+OBJECTIVES = tuple(objectives.OBJECTIVES)
 TOKENIZERS = ("random_projection", "random_patches", "kmeans")
 MASKINGS = ("block", "uniform")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -77,7 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_workers = 8  # grain worker processes per host (0: in-process)
   c.data.prefetch = 2
 
-  # Photometric augmentation after the crop and flip (photometric.py): off in the
+  # Photometric augmentation after the crop and flip (data/photometric.py): off in the
   # paper's default recipe, on for its smallest datasets (the small-data recipe).
   c.augment = ml_collections.ConfigDict()
   c.augment.color_jitter = 0.4  # brightness / contrast / saturation strength
@@ -86,8 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.augment.blur_prob = 0.0
   c.augment.solarize_prob = 0.0
 
-  c.optim = _optim_group(base_lr=1.5e-3, base_batch_size=2048, min_lr=1e-5,
-                         warmup_epochs=10.0, grad_clip=3.0)
+  c.optim = _optim_group(
+    base_lr=1.5e-3, base_batch_size=2048, min_lr=1e-5, warmup_epochs=10.0, grad_clip=3.0
+  )
 
   c.batch_size = 2048  # global, over all processes and devices
   _add_length_keys(c, num_epochs=300.0)
@@ -130,8 +132,14 @@ def _model_group() -> ml_collections.ConfigDict:
   return m
 
 
-def _optim_group(*, base_lr: float, base_batch_size: int, min_lr: float,
-                 warmup_epochs: float, grad_clip: float | None) -> ml_collections.ConfigDict:
+def _optim_group(
+  *,
+  base_lr: float,
+  base_batch_size: int,
+  min_lr: float,
+  warmup_epochs: float,
+  grad_clip: float | None,
+) -> ml_collections.ConfigDict:
   """AdamW with linear warmup and cosine decay (optim.py)."""
   o = ml_collections.ConfigDict()
   o.base_lr = base_lr  # at base_batch_size, scaled linearly with the batch
@@ -175,7 +183,7 @@ def _add_loop_keys(c: ml_collections.ConfigDict) -> None:
   """Device layout, logging, checkpointing and divergence keys of a training loop."""
   c.mesh = ml_collections.ConfigDict()
   # Batches are split over data x fsdp devices; parameters and optimizer state
-  # are sharded over fsdp (see sharding.py). -1 on one axis: the rest.
+  # are sharded over fsdp (see runtime/sharding.py). -1 on one axis: the rest.
   c.mesh.data = -1  # devices on the data axis
   c.mesh.fsdp = 1  # devices on the fsdp axis
 
@@ -250,8 +258,9 @@ def downstream_config() -> ml_collections.ConfigDict:
   c.augment.label_smoothing = 0.1
 
   # No gradient clipping, as BEiT's fine-tuning.
-  c.optim = _optim_group(base_lr=4e-3, base_batch_size=1024, min_lr=1e-6, warmup_epochs=5.0,
-                         grad_clip=None)
+  c.optim = _optim_group(
+    base_lr=4e-3, base_batch_size=1024, min_lr=1e-6, warmup_epochs=5.0, grad_clip=None
+  )
   c.optim.layer_decay = 0.65  # per-block learning-rate decay (1: none), see optim.py
 
   c.batch_size = 1024
@@ -312,19 +321,26 @@ def _check_schema(config) -> None:
   for key in sorted(keys - schema):
     parts = key.split(".")
     # The first component that is neither a key nor a group of the schema.
-    depth = next(i for i in range(1, len(parts) + 1)
-                 if ".".join(parts[:i]) not in schema | groups)
-    parent = ".".join(parts[:depth - 1])
-    siblings = sorted({k[len(parent) + 1:].split(".")[0] if parent else k.split(".")[0]
-                       for k in schema if not parent or k.startswith(parent + ".")})
+    depth = next(i for i in range(1, len(parts) + 1) if ".".join(parts[:i]) not in schema | groups)
+    parent = ".".join(parts[: depth - 1])
+    siblings = sorted(
+      {
+        k[len(parent) + 1 :].split(".")[0] if parent else k.split(".")[0]
+        for k in schema
+        if not parent or k.startswith(parent + ".")
+      }
+    )
     where = f"in config.{parent}" if parent else "at the top level"
-    raise ValueError(f"config.{'.'.join(parts[:depth])} is not a key of the config "
-                     f"schema (config_base.{root}): allowed keys {where} are "
-                     f"{siblings}.")
+    raise ValueError(
+      f"config.{'.'.join(parts[:depth])} is not a key of the config "
+      f"schema (config_base.{root}): allowed keys {where} are "
+      f"{siblings}."
+    )
   missing = sorted(schema - keys)
   if missing:
-    raise ValueError(f"config lacks the keys {missing}: start config files from "
-                     f"config_base.{root}.")
+    raise ValueError(
+      f"config lacks the keys {missing}: start config files from config_base.{root}."
+    )
 
 
 def validate_config(config) -> None:
@@ -347,8 +363,11 @@ def _check_model(model) -> None:
   except ValueError as e:
     raise ValueError(f"config.model.variant: {e}") from None
   if model.image_size <= 0 or model.image_size % patch:
-    _fail("model.image_size", model.image_size,
-          f"it must be a positive multiple of the patch size {patch}")
+    _fail(
+      "model.image_size",
+      model.image_size,
+      f"it must be a positive multiple of the patch size {patch}",
+    )
   if model.dtype not in DTYPES:
     _fail("model.dtype", model.dtype, f"allowed values are {DTYPES}")
   if model.num_channels not in (1, 3):
@@ -362,12 +381,13 @@ def _check_loop(config) -> None:
   if config.batch_size <= 0:
     _fail("batch_size", config.batch_size, "it must be positive")
   if config.num_steps is not None and config.num_examples is not None:
-    _fail("num_examples", config.num_examples,
-          f"num_steps={config.num_steps} is also set: state the length one way (the other "
-          "None)")
+    _fail(
+      "num_examples",
+      config.num_examples,
+      f"num_steps={config.num_steps} is also set: state the length one way (the other None)",
+    )
   if config.num_steps is None and config.num_examples is None and not config.num_epochs > 0:
-    _fail("num_epochs", config.num_epochs, "it must be positive (or set num_steps or "
-          "num_examples)")
+    _fail("num_epochs", config.num_epochs, "it must be positive (or set num_steps or num_examples)")
   for key in ("num_steps", "num_examples", "max_epochs"):
     if config[key] is not None and config[key] <= 0:
       _fail(key, config[key], "it must be positive (or None)")
@@ -377,8 +397,11 @@ def _check_loop(config) -> None:
   if warmup is not None and not 0 <= warmup < 1:
     _fail("optim.warmup_fraction", warmup, "it must lie in [0, 1) (or None: warmup_epochs)")
   if not config.data.dataset:
-    _fail("data.dataset", config.data.dataset, "set it to a TFDS name or to a folder of "
-          "images (a path starting with /, ./, ../ or ~)")
+    _fail(
+      "data.dataset",
+      config.data.dataset,
+      "set it to a TFDS name or to a folder of images (a path starting with /, ./, ../ or ~)",
+    )
   lo, hi = config.data.crop_scale
   if not 0 < lo <= hi <= 1:
     _fail("data.crop_scale", config.data.crop_scale, "it needs 0 < min <= max <= 1")
@@ -386,12 +409,18 @@ def _check_loop(config) -> None:
     _fail("data.train_fraction", config.data.train_fraction, "it must lie in (0, 1]")
   sharding.check_mesh_config(config.mesh)
   if config.profile.start_step < 1:
-    _fail("profile.start_step", config.profile.start_step,
-          "it must be >= 1 (the first step compiles)")
+    _fail(
+      "profile.start_step", config.profile.start_step, "it must be >= 1 (the first step compiles)"
+    )
   if config.profile.num_steps < 0:
     _fail("profile.num_steps", config.profile.num_steps, "it must be >= 0 (0: off)")
-  for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-              "max_consecutive_skips"):
+  for key in (
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "max_consecutive_skips",
+  ):
     if config[key] <= 0:
       _fail(key, config[key], "it must be positive")
 
@@ -409,8 +438,11 @@ def _check_pretrain(config) -> None:
     _fail("masking.kind", config.masking.kind, f"allowed values are {MASKINGS}")
   ratio = config.masking.ratio
   if config.objective == "splitmask" and not 0.5 <= ratio < 1:
-    _fail("masking.ratio", ratio,
-          "SplitMask needs 0.5 <= ratio < 1 (two disjoint subsets of 1 - ratio each)")
+    _fail(
+      "masking.ratio",
+      ratio,
+      "SplitMask needs 0.5 <= ratio < 1 (two disjoint subsets of 1 - ratio each)",
+    )
   if not 0 < ratio < 1:
     _fail("masking.ratio", ratio, "it must lie in (0, 1)")
   if config.objective == "splitmask" and not (config.loss.inpaint or config.loss.match):
@@ -435,8 +467,7 @@ def _check_downstream(config) -> None:
   if not 0 <= aug.randaugment_magnitude <= 10:
     _fail("augment.randaugment_magnitude", aug.randaugment_magnitude, "it must lie in [0, 10]")
   if aug.randaugment_magnitude_std < 0:
-    _fail("augment.randaugment_magnitude_std", aug.randaugment_magnitude_std,
-          "it must be >= 0")
+    _fail("augment.randaugment_magnitude_std", aug.randaugment_magnitude_std, "it must be >= 0")
   if aug.color_jitter < 0:
     _fail("augment.color_jitter", aug.color_jitter, "it must be >= 0 (0: off)")
   if aug.repeats < 1:
@@ -465,11 +496,26 @@ def _check_downstream(config) -> None:
 # is, how it is read, how often the run logs, evaluates and saves, how the work
 # is laid out on devices, what happens to non-finite updates and how the end
 # evaluation runs, but not what the run computes. A trailing '.' covers a group.
-RESUMABLE_KEYS = ("data.data_dir", "data.manual_dir", "data.num_workers", "data.prefetch",
-                  "log_every", "eval_every", "eval_batches", "eval_batch_size", "summary_images",
-                  "checkpoint_every",
-                  "keep_checkpoints", "keep_best_checkpoint", "skip_nonfinite_updates",
-                  "max_consecutive_skips", "mesh.", "profile.", "knn.", "probe.")
+RESUMABLE_KEYS = (
+  "data.data_dir",
+  "data.manual_dir",
+  "data.num_workers",
+  "data.prefetch",
+  "log_every",
+  "eval_every",
+  "eval_batches",
+  "eval_batch_size",
+  "summary_images",
+  "checkpoint_every",
+  "keep_checkpoints",
+  "keep_best_checkpoint",
+  "skip_nonfinite_updates",
+  "max_consecutive_skips",
+  "mesh.",
+  "profile.",
+  "knn.",
+  "probe.",
+)
 _ABSENT = "<absent>"
 
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from collections.abc import Iterable
 
 import numpy as np
 from jax.experimental import multihost_utils
 
-from splitmask_jax import sharding
+from splitmask_jax.runtime import sharding
 
 
-def extract_outputs(fn: Callable, params, data: Iterable[dict], mesh) -> tuple[np.ndarray,
-                                                                             np.ndarray]:
+def extract_outputs(
+  fn: Callable, params, data: Iterable[dict], mesh
+) -> tuple[np.ndarray, np.ndarray]:
   """`fn(params, images)` and the label of every valid example of an eval dataset.
 
   Args:
@@ -29,7 +31,8 @@ def extract_outputs(fn: Callable, params, data: Iterable[dict], mesh) -> tuple[n
     # the gathered rows line up whatever the mesh's device order.
     batch = sharding.global_batch({k: batch[k] for k in ("image", "label", "valid")}, mesh)
     out, label, valid = multihost_utils.process_allgather(
-        (fn(params, batch["image"]), batch["label"], batch["valid"]), tiled=True)
+      (fn(params, batch["image"]), batch["label"], batch["valid"]), tiled=True
+    )
     outputs.append(out[valid])
     labels.append(label[valid])
   return np.concatenate(outputs), np.concatenate(labels)

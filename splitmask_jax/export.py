@@ -47,9 +47,9 @@ from absl import flags
 from flax import traverse_util
 from safetensors import numpy as safetensors_numpy
 
-from splitmask_jax import checkpointing
 from splitmask_jax import loop
 from splitmask_jax.models import vit
+from splitmask_jax.runtime import checkpointing
 
 # The entrypoint only selects timm's VisionTransformer: `timm_kwargs` sets every
 # argument of the architecture, so the registered name's ViT-B/16 sizes never apply.
@@ -59,7 +59,7 @@ CONFIG_FILE = "config.json"
 # The encoder reads images in [-1, 1]: (x - 0.5) / 0.5 of x = pixels / 255.
 IMAGE_MEAN = 0.5
 IMAGE_STD = 0.5
-# Both the training crop and the evaluation resize are bicubic (input_pipeline.py).
+# Both the training crop and the evaluation resize are bicubic (data/input_pipeline.py).
 _INTERPOLATION = "bicubic"
 _TASKS = ("pretrain", "finetune")
 
@@ -84,48 +84,56 @@ def timm_kwargs(variant: str, image_size: int, num_channels: int, num_classes: i
   """
   arch, patch = vit.parse_variant(variant)
   if image_size <= 0 or image_size % patch:
-    raise ValueError(f"model.image_size must be a positive multiple of the patch size {patch} "
-                     f"of variant {variant!r}, got {image_size}")
+    raise ValueError(
+      f"model.image_size must be a positive multiple of the patch size {patch} "
+      f"of variant {variant!r}, got {image_size}"
+    )
   if num_channels <= 0:
     raise ValueError(f"model.num_channels must be positive, got {num_channels}")
   if num_classes < 0:
     raise ValueError(f"num_classes must be 0 (a bare encoder) or positive, got {num_classes}")
-  return dict(img_size=image_size,
-              patch_size=patch,
-              in_chans=num_channels,
-              num_classes=num_classes,
-              embed_dim=arch["width"],
-              depth=arch["depth"],
-              num_heads=arch["num_heads"],
-              mlp_ratio=arch["mlp_dim"] / arch["width"],
-              qkv_bias=True,
-              class_token=False,
-              global_pool="avg",
-              fc_norm=False)
+  return dict(
+    img_size=image_size,
+    patch_size=patch,
+    in_chans=num_channels,
+    num_classes=num_classes,
+    embed_dim=arch["width"],
+    depth=arch["depth"],
+    num_heads=arch["num_heads"],
+    mlp_ratio=arch["mlp_dim"] / arch["width"],
+    qkv_bias=True,
+    class_token=False,
+    global_pool="avg",
+    fc_norm=False,
+  )
 
 
-def timm_pretrained_cfg(image_size: int, num_channels: int, num_classes: int,
-                        crop_pct: float) -> dict:
+def timm_pretrained_cfg(
+  image_size: int, num_channels: int, num_classes: int, crop_pct: float
+) -> dict:
   """timm's data configuration of an exported model (`pretrained_cfg` in config.json).
 
   `timm.data.resolve_data_config(model=model)` reads it: input size [C, H, W],
   per-channel mean and std 0.5, bicubic resizing and the test crop ratio
   `crop_pct` (resize to size / crop_pct, keep the central square).
   """
-  return dict(input_size=[num_channels, image_size, image_size],
-              fixed_input_size=True,
-              interpolation=_INTERPOLATION,
-              crop_pct=crop_pct,
-              crop_mode="center",
-              mean=[IMAGE_MEAN] * num_channels,
-              std=[IMAGE_STD] * num_channels,
-              num_classes=num_classes,
-              first_conv="patch_embed.proj",
-              classifier="head")
+  return dict(
+    input_size=[num_channels, image_size, image_size],
+    fixed_input_size=True,
+    interpolation=_INTERPOLATION,
+    crop_pct=crop_pct,
+    crop_mode="center",
+    mean=[IMAGE_MEAN] * num_channels,
+    std=[IMAGE_STD] * num_channels,
+    num_classes=num_classes,
+    first_conv="patch_embed.proj",
+    classifier="head",
+  )
 
 
-def to_timm_state_dict(encoder_params: dict, head_params: dict | None = None, *,
-                       num_channels: int) -> dict[str, np.ndarray]:
+def to_timm_state_dict(
+  encoder_params: dict, head_params: dict | None = None, *, num_channels: int
+) -> dict[str, np.ndarray]:
   """Renames and lays out an Encoder's parameters as timm's VisionTransformer's.
 
   Args:
@@ -142,8 +150,10 @@ def to_timm_state_dict(encoder_params: dict, head_params: dict | None = None, *,
   Raises:
     ValueError: a parameter is missing, unknown, or of an inconsistent shape.
   """
-  flat = {name: np.asarray(value, np.float32)
-          for name, value in traverse_util.flatten_dict(encoder_params, sep="/").items()}
+  flat = {
+    name: np.asarray(value, np.float32)
+    for name, value in traverse_util.flatten_dict(encoder_params, sep="/").items()
+  }
   flat.pop("mask_token", None)  # BEiT's [MASK] embedding serves pre-training only
 
   def take(name):
@@ -165,12 +175,15 @@ def to_timm_state_dict(encoder_params: dict, head_params: dict | None = None, *,
   patch_dim, width = kernel.shape
   patch = int(round(np.sqrt(patch_dim / num_channels)))
   if patch * patch * num_channels != patch_dim:
-    raise ValueError(f"the embedding kernel's {patch_dim} inputs are not p*p*{num_channels} for "
-                     f"an integer patch size p: check num_channels")
+    raise ValueError(
+      f"the embedding kernel's {patch_dim} inputs are not p*p*{num_channels} for "
+      f"an integer patch size p: check num_channels"
+    )
   # Rows are patch pixels in (row, col, channel) order (vit.patchify); a Conv2d
   # weight is [out, channel, row, col].
   out["patch_embed.proj.weight"] = kernel.reshape(patch, patch, num_channels, width).transpose(
-      3, 2, 0, 1)
+    3, 2, 0, 1
+  )
   out["patch_embed.proj.bias"] = take("embedding/bias")
   out["pos_embed"] = take("pos_embedding")
 
@@ -181,7 +194,8 @@ def to_timm_state_dict(encoder_params: dict, head_params: dict | None = None, *,
     out[f"{dst}.attn.qkv.weight"] = take(f"{src}/attn/qkv/kernel").T
     q_bias = take(f"{src}/attn/q_bias")
     out[f"{dst}.attn.qkv.bias"] = np.concatenate(
-        [q_bias, np.zeros_like(q_bias), take(f"{src}/attn/v_bias")])
+      [q_bias, np.zeros_like(q_bias), take(f"{src}/attn/v_bias")]
+    )
     dense(f"{dst}.attn.proj", f"{src}/attn/proj")
     layer_norm(f"{dst}.norm2", f"{src}/norm2")
     dense(f"{dst}.mlp.fc1", f"{src}/fc1")
@@ -195,16 +209,19 @@ def to_timm_state_dict(encoder_params: dict, head_params: dict | None = None, *,
     out["head.weight"] = np.asarray(head_params["kernel"], np.float32).T
     out["head.bias"] = np.asarray(head_params["bias"], np.float32)
     if out["head.weight"].shape[1] != width:
-      raise ValueError(f"the head's kernel {out['head.weight'].T.shape} does not read the "
-                       f"encoder's width {width}")
+      raise ValueError(
+        f"the head's kernel {out['head.weight'].T.shape} does not read the encoder's width {width}"
+      )
   return {name: np.ascontiguousarray(value) for name, value in out.items()}
 
 
 def _read_run_config(workdir: str) -> dict:
   path = os.path.join(workdir, loop.CONFIG_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{workdir} holds no {loop.CONFIG_FILE}: pass the workdir of a "
-                            "pre-training or fine-tuning run.")
+    raise FileNotFoundError(
+      f"{workdir} holds no {loop.CONFIG_FILE}: pass the workdir of a "
+      "pre-training or fine-tuning run."
+    )
   with open(path) as f:
     return json.load(f)
 
@@ -228,8 +245,9 @@ def export(workdir: str, output_dir: str, *, step: int | None = None) -> dict[st
   config = _read_run_config(workdir)
   task = config.get("task", "pretrain")
   if task not in _TASKS:
-    raise ValueError(f"config.task={task!r} of {workdir} has no model to export: allowed "
-                     f"values are {_TASKS}")
+    raise ValueError(
+      f"config.task={task!r} of {workdir} has no model to export: allowed values are {_TASKS}"
+    )
   model = config["model"]
   # Built before the checkpoint is read, to fail early on an invalid model; the
   # number of classes is known once the head is.
@@ -243,18 +261,22 @@ def export(workdir: str, output_dir: str, *, step: int | None = None) -> dict[st
   crop_pct = config.get("data", {}).get("test_crop_ratio", 1.0) if task == "finetune" else 1.0
 
   os.makedirs(output_dir, exist_ok=True)
-  paths = {"weights": os.path.join(output_dir, WEIGHTS_FILE),
-           "config": os.path.join(output_dir, CONFIG_FILE)}
+  paths = {
+    "weights": os.path.join(output_dir, WEIGHTS_FILE),
+    "config": os.path.join(output_dir, CONFIG_FILE),
+  }
   safetensors_numpy.save_file(state_dict, paths["weights"])
-  exported = dict(architecture=ARCHITECTURE,
-                  num_classes=num_classes,
-                  num_features=kwargs["embed_dim"],
-                  global_pool=kwargs["global_pool"],
-                  model_args=kwargs,
-                  pretrained_cfg=timm_pretrained_cfg(model["image_size"], model["num_channels"],
-                                                     num_classes, crop_pct),
-                  exported_from=dict(workdir=workdir, step=int(step), task=task,
-                                     variant=model["variant"]))
+  exported = dict(
+    architecture=ARCHITECTURE,
+    num_classes=num_classes,
+    num_features=kwargs["embed_dim"],
+    global_pool=kwargs["global_pool"],
+    model_args=kwargs,
+    pretrained_cfg=timm_pretrained_cfg(
+      model["image_size"], model["num_channels"], num_classes, crop_pct
+    ),
+    exported_from=dict(workdir=workdir, step=int(step), task=task, variant=model["variant"]),
+  )
   with open(paths["config"], "w") as f:
     json.dump(exported, f, indent=2)
   return paths

@@ -24,21 +24,21 @@ import numpy as np
 import optax
 from absl import logging
 
-from splitmask_jax import checkpointing
 from splitmask_jax import config_base
-from splitmask_jax import datasets
 from splitmask_jax import evaluation
-from splitmask_jax import input_pipeline
 from splitmask_jax import loop
-from splitmask_jax import metric_log
 from splitmask_jax import mixing
 from splitmask_jax import objectives
 from splitmask_jax import optim
-from splitmask_jax import randaugment
-from splitmask_jax import sharding
 from splitmask_jax import train_step as train_step_lib
+from splitmask_jax.data import datasets
+from splitmask_jax.data import input_pipeline
+from splitmask_jax.data import randaugment
 from splitmask_jax.models import classifier as classifier_lib
 from splitmask_jax.models import vit
+from splitmask_jax.runtime import checkpointing
+from splitmask_jax.runtime import metric_log
+from splitmask_jax.runtime import sharding
 
 # Model keys a downstream run must share with the run it starts from.
 _ENCODER_KEYS = ("variant", "image_size", "num_channels")
@@ -47,6 +47,7 @@ _ENCODER_KEYS = ("variant", "image_size", "num_channels")
 @flax.struct.dataclass
 class ClassifierState:
   """The fine-tuning train state (what a checkpoint holds besides the data position)."""
+
   step: jax.Array  # int32 []
   params: Any
   opt_state: Any
@@ -56,9 +57,15 @@ def build_classifier(config, num_classes: int) -> classifier_lib.Classifier:
   """The classifier of `config.model` (not yet initialised)."""
   arch, patch = vit.parse_variant(config.model.variant)
   return classifier_lib.Classifier(
-      **arch, patch_size=patch, grid=config_base.grid_size(config), num_classes=num_classes,
-      drop_path_rate=config.model.drop_path, head_init_scale=config.model.head_init_scale,
-      dtype=jnp.dtype(config.model.dtype), remat=config.model.remat)
+    **arch,
+    patch_size=patch,
+    grid=config_base.grid_size(config),
+    num_classes=num_classes,
+    drop_path_rate=config.model.drop_path,
+    head_init_scale=config.model.head_init_scale,
+    dtype=jnp.dtype(config.model.dtype),
+    remat=config.model.remat,
+  )
 
 
 def check_init_run(config) -> dict | None:
@@ -79,20 +86,26 @@ def check_init_run(config) -> dict | None:
   path = os.path.join(init.workdir, loop.CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(
-        f"config.init.workdir={init.workdir!r} holds no {loop.CONFIG_FILE}: pass the workdir "
-        "of a pre-training run (or None to fine-tune from random init).")
+      f"config.init.workdir={init.workdir!r} holds no {loop.CONFIG_FILE}: pass the workdir "
+      "of a pre-training run (or None to fine-tune from random init)."
+    )
   with open(path) as f:
     saved_model = json.load(f)["model"]
   for key in _ENCODER_KEYS:
     if saved_model[key] != config.model[key]:
       raise ValueError(
-          f"config.model.{key}={config.model[key]!r} does not match the run in "
-          f"config.init.workdir={init.workdir!r}, which has model.{key}="
-          f"{saved_model[key]!r}: set config.model.{key}={saved_model[key]!r}.")
+        f"config.model.{key}={config.model[key]!r} does not match the run in "
+        f"config.init.workdir={init.workdir!r}, which has model.{key}="
+        f"{saved_model[key]!r}: set config.model.{key}={saved_model[key]!r}."
+      )
   best = init.checkpoint == "best"
   variables, step = checkpointing.load_params(init.workdir, init.step, best=best)
-  logging.info("Initialising the encoder from %s, step %d%s", init.workdir, step,
-               " (its lowest held-out loss)" if best else "")
+  logging.info(
+    "Initialising the encoder from %s, step %d%s",
+    init.workdir,
+    step,
+    " (its lowest held-out loss)" if best else "",
+  )
   return variables
 
 
@@ -117,8 +130,10 @@ def load_pretrained_encoder(variables: dict, pretrained: dict, *, source: str = 
   target = variables["params"]["encoder"]
   saved = pretrained.get("params", {}).get("encoder")
   if saved is None:
-    raise ValueError(f"{source or 'the checkpoint'} holds no params/encoder: its top-level "
-                     f"parameters are {sorted(pretrained.get('params', {}))}.")
+    raise ValueError(
+      f"{source or 'the checkpoint'} holds no params/encoder: its top-level "
+      f"parameters are {sorted(pretrained.get('params', {}))}."
+    )
   flat_saved = flax.traverse_util.flatten_dict(saved, sep="/")
   problems = []
 
@@ -136,13 +151,17 @@ def load_pretrained_encoder(variables: dict, pretrained: dict, *, source: str = 
   encoder = jax.tree_util.tree_map_with_path(take, target)
   expected = set(flax.traverse_util.flatten_dict(target, sep="/"))
   # BEiT's [MASK] embedding is pre-training only; anything else unused is a mismatch.
-  problems += [f"{name}: not in the model" for name in sorted(set(flat_saved) - expected)
-               if name != "mask_token"]
+  problems += [
+    f"{name}: not in the model"
+    for name in sorted(set(flat_saved) - expected)
+    if name != "mask_token"
+  ]
   if problems:
     raise ValueError(
-        f"The encoder in {source or 'the checkpoint'} does not fit this model "
-        f"({len(problems)} parameters): {'; '.join(problems[:8])}"
-        f"{'; ...' if len(problems) > 8 else ''}. Use the pre-training run's model config.")
+      f"The encoder in {source or 'the checkpoint'} does not fit this model "
+      f"({len(problems)} parameters): {'; '.join(problems[:8])}"
+      f"{'; ...' if len(problems) > 8 else ''}. Use the pre-training run's model config."
+    )
   params = dict(variables["params"], encoder=encoder)
   return dict(variables, params=params)
 
@@ -150,8 +169,10 @@ def load_pretrained_encoder(variables: dict, pretrained: dict, *, source: str = 
 def _place(tree, shardings):
   """Host arrays (the same on every process) -> global arrays with `shardings`."""
   return jax.tree.map(
-      lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: np.asarray(x)[index]),
-      tree, shardings)
+    lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: np.asarray(x)[index]),
+    tree,
+    shardings,
+  )
 
 
 def classifier_init_fn(model, config):
@@ -162,8 +183,13 @@ def classifier_init_fn(model, config):
   return lambda rng: model.init({"params": rng, "dropout": rng}, images, train=False)
 
 
-def init_classifier_state(init_params, optimizer: optax.GradientTransformation,
-                          rng: jax.Array, mesh, pretrained: dict | None) -> ClassifierState:
+def init_classifier_state(
+  init_params,
+  optimizer: optax.GradientTransformation,
+  rng: jax.Array,
+  mesh,
+  pretrained: dict | None,
+) -> ClassifierState:
   """The initial state, sharded like pre-training's (large arrays over 'fsdp').
 
   Args:
@@ -176,15 +202,17 @@ def init_classifier_state(init_params, optimizer: optax.GradientTransformation,
     params = _place(load_pretrained_encoder(jax.device_get(params), pretrained), param_shardings)
 
   def init(params):
-    return ClassifierState(step=jnp.zeros((), jnp.int32), params=params,
-                           opt_state=optimizer.init(params))
+    return ClassifierState(
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)
+    )
 
   shardings = sharding.fsdp_shardings(jax.eval_shape(init, params), mesh)
   return jax.jit(init, out_shardings=shardings)(params)
 
 
-def classification_loss(params, state, batch, rng, *, model, num_classes: int, augment,
-                        train: bool):
+def classification_loss(
+  params, state, batch, rng, *, model, num_classes: int, augment, train: bool
+):
   """Soft-target cross-entropy after mixup / cutmix and label smoothing.
 
   Args:
@@ -195,9 +223,15 @@ def classification_loss(params, state, batch, rng, *, model, num_classes: int, a
   mix_rng, dropout_rng = jax.random.split(rng)
   images = objectives.images_to_float(batch["image"])
   images, targets, _ = mixing.mix_batch(
-      images, batch["label"], mix_rng, num_classes=num_classes, mixup_alpha=augment.mixup,
-      cutmix_alpha=augment.cutmix, switch_prob=augment.mix_switch_prob,
-      label_smoothing=augment.label_smoothing)
+    images,
+    batch["label"],
+    mix_rng,
+    num_classes=num_classes,
+    mixup_alpha=augment.mixup,
+    cutmix_alpha=augment.cutmix,
+    switch_prob=augment.mix_switch_prob,
+    label_smoothing=augment.label_smoothing,
+  )
   logits = model.apply(params, images, train=train, rngs={"dropout": dropout_rng})
   loss = mixing.soft_cross_entropy(logits, targets)
   return loss, {"loss": loss}
@@ -207,8 +241,10 @@ def prepare_labelled_data(config) -> datasets.DatasetInfo:
   """Prepares config.data's dataset; raises unless it has labels."""
   info = loop.prepare_data(config.data)
   if info.num_classes is None:
-    raise ValueError(f"config.data.dataset={config.data.dataset!r} has no 'label' feature: "
-                     f"the {config.task} task needs a labelled dataset.")
+    raise ValueError(
+      f"config.data.dataset={config.data.dataset!r} has no 'label' feature: "
+      f"the {config.task} task needs a labelled dataset."
+    )
   return info
 
 
@@ -217,9 +253,12 @@ def _augment_fn(augment) -> input_pipeline.ImageAugmentFn | None:
   (which the paper's fine-tuning code uses), where the jitter is skipped under
   RandAugment."""
   if augment.randaugment_ops > 0:
-    return functools.partial(randaugment.rand_augment, num_ops=augment.randaugment_ops,
-                             magnitude=augment.randaugment_magnitude,
-                             magnitude_std=augment.randaugment_magnitude_std)
+    return functools.partial(
+      randaugment.rand_augment,
+      num_ops=augment.randaugment_ops,
+      magnitude=augment.randaugment_magnitude,
+      magnitude_std=augment.randaugment_magnitude_std,
+    )
   if augment.color_jitter > 0:
     return functools.partial(randaugment.color_jitter, strength=augment.color_jitter)
   return None
@@ -230,14 +269,21 @@ def top1_evaluation(config, model, mesh):
   data = config.data
   local_batch = sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   source = datasets.load_source(data.dataset, data.test_split, data.data_dir)
-  predict = jax.jit(lambda params, images: jnp.argmax(
-      model.apply(params, objectives.images_to_float(images), train=False), axis=-1))
+  predict = jax.jit(
+    lambda params, images: jnp.argmax(
+      model.apply(params, objectives.images_to_float(images), train=False), axis=-1
+    )
+  )
 
   def evaluate(params) -> float:
     batches = input_pipeline.eval_dataset(
-        source, batch_size=local_batch, image_size=config.model.image_size,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        center_crop=data.test_crop_ratio)
+      source,
+      batch_size=local_batch,
+      image_size=config.model.image_size,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      center_crop=data.test_crop_ratio,
+    )
     predicted, labels = evaluation.extract_outputs(predict, params, batches, mesh)
     return float(np.mean(predicted == labels))
 
@@ -265,8 +311,9 @@ def finetune_and_evaluate(config, workdir: str, *, allow_config_change: bool = F
   local_batch = sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   pretrained = check_init_run(config)
-  checkpointer, start_step = loop.open_workdir(config, workdir,
-                                               allow_config_change=allow_config_change)
+  checkpointer, start_step = loop.open_workdir(
+    config, workdir, allow_config_change=allow_config_change
+  )
 
   data = config.data
   info = prepare_labelled_data(config)
@@ -274,27 +321,40 @@ def finetune_and_evaluate(config, workdir: str, *, allow_config_change: bool = F
   total_steps, steps_per_epoch = loop.num_steps(config, len(train_source))
 
   model = build_classifier(config, info.num_classes)
-  schedule = optim.learning_rate_schedule(config.optim, config.batch_size, total_steps,
-                                          steps_per_epoch)
+  schedule = optim.learning_rate_schedule(
+    config.optim, config.batch_size, total_steps, steps_per_epoch
+  )
   max_skips = config.max_consecutive_skips if config.skip_nonfinite_updates else 0
   size = config.model.image_size
   init_params = classifier_init_fn(model, config)
   init_key = jax.random.PRNGKey(config.seed)
   abstract_params = jax.eval_shape(init_params, init_key)
-  multipliers = optim.layer_decay_multipliers(abstract_params, model.depth,
-                                              config.optim.layer_decay)
+  multipliers = optim.layer_decay_multipliers(
+    abstract_params, model.depth, config.optim.layer_decay
+  )
   optimizer = optax.apply_if_finite(
-      optim.make_optimizer(config.optim, schedule, lr_multipliers=multipliers),
-      max_consecutive_errors=max_skips)
-  state = init_classifier_state(init_params, optimizer, init_key, mesh,
-                                None if start_step else pretrained)
+    optim.make_optimizer(config.optim, schedule, lr_multipliers=multipliers),
+    max_consecutive_errors=max_skips,
+  )
+  state = init_classifier_state(
+    init_params, optimizer, init_key, mesh, None if start_step else pretrained
+  )
 
-  train_iter = iter(input_pipeline.finetune_dataset(
-      train_source, batch_size=local_batch, image_size=size,
-      crop_scale=tuple(data.crop_scale), augment_fn=_augment_fn(config.augment),
-      repeats=config.augment.repeats, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      num_workers=data.num_workers, prefetch_buffer=data.prefetch))
+  train_iter = iter(
+    input_pipeline.finetune_dataset(
+      train_source,
+      batch_size=local_batch,
+      image_size=size,
+      crop_scale=tuple(data.crop_scale),
+      augment_fn=_augment_fn(config.augment),
+      repeats=config.augment.repeats,
+      seed=config.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      num_workers=data.num_workers,
+      prefetch_buffer=data.prefetch,
+    )
+  )
 
   log = metric_log.MetricLog(workdir)
   log.truncate_after(start_step if start_step else -1)
@@ -302,31 +362,47 @@ def finetune_and_evaluate(config, workdir: str, *, allow_config_change: bool = F
     state = checkpointer.restore(start_step, state, train_iter)
     logging.info("Resumed from step %d in %s", start_step, workdir)
   else:
-    log.write(0, {"num_params": sum(x.size for x in jax.tree.leaves(state.params)),
-                  "num_train_examples": len(train_source)})
+    log.write(
+      0,
+      {
+        "num_params": sum(x.size for x in jax.tree.leaves(state.params)),
+        "num_train_examples": len(train_source),
+      },
+    )
 
-  loss_fn = functools.partial(classification_loss, model=model,
-                              num_classes=info.num_classes, augment=config.augment)
-  train_step = train_step_lib.make_train_step(loss_fn, optimizer, schedule, config.seed,
-                                              mesh, state)
+  loss_fn = functools.partial(
+    classification_loss, model=model, num_classes=info.num_classes, augment=config.augment
+  )
+  train_step = train_step_lib.make_train_step(
+    loss_fn, optimizer, schedule, config.seed, mesh, state
+  )
   top1 = top1_evaluation(config, model, mesh)
 
   def evaluate(state):
     return {"test_top1": top1(state.params)}
 
   try:
-    state, last = loop.run(config, workdir, state=state, train_iter=train_iter,
-                           train_step=train_step, max_skips=max_skips, mesh=mesh,
-                           start_step=start_step, total_steps=total_steps,
-                           steps_per_epoch=steps_per_epoch, checkpointer=checkpointer,
-                           log=log, evaluate=evaluate)
+    state, last = loop.run(
+      config,
+      workdir,
+      state=state,
+      train_iter=train_iter,
+      train_step=train_step,
+      max_skips=max_skips,
+      mesh=mesh,
+      start_step=start_step,
+      total_steps=total_steps,
+      steps_per_epoch=steps_per_epoch,
+      checkpointer=checkpointer,
+      log=log,
+      evaluate=evaluate,
+    )
     if start_step == total_steps:  # preempted after its last step: only the evaluation
       last = evaluate(state)
       log.write(total_steps, last)
   finally:
     checkpointer.close()
     log.close()
-  logging.info("Test top-1 %.4f after %d steps", last.get("test_top1", float("nan")),
-               total_steps)
+  logging.info("Test top-1 %.4f after %d steps", last.get("test_top1", float("nan")), total_steps)
   loop.write_final_metrics(workdir, total_steps, last)
   return last

@@ -64,8 +64,7 @@ def nearest(points: jax.Array, centroids: jax.Array) -> jax.Array:
   return jnp.argmax(sims, axis=-1).astype(jnp.int32)
 
 
-def initial_centroids(key: jax.Array, points: jax.Array,
-                      num_clusters: int) -> jax.Array:
+def initial_centroids(key: jax.Array, points: jax.Array, num_clusters: int) -> jax.Array:
   """Initial centroids: `num_clusters` points at distinct indices, normalised.
 
   Args:
@@ -77,19 +76,18 @@ def initial_centroids(key: jax.Array, points: jax.Array,
     float32 array [K, d] (unit rows, except for zero points, which stay zero).
   """
   _check_points(points, num_clusters)
-  idx = jax.random.choice(key, points.shape[0], (int(num_clusters),),
-                          replace=False)
+  idx = jax.random.choice(key, points.shape[0], (int(num_clusters),), replace=False)
   return unit_rows(jnp.asarray(points)[idx])
 
 
 def fit_spherical_kmeans(
-    key: jax.Array,
-    points: jax.Array,
-    num_clusters: int,
-    *,
-    num_iters: int,
-    chunk_size: int = 4096,
-    init: jax.Array | None = None,
+  key: jax.Array,
+  points: jax.Array,
+  num_clusters: int,
+  *,
+  num_iters: int,
+  chunk_size: int = 4096,
+  init: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Fits spherical k-means (Lloyd iterations under cosine similarity).
 
@@ -125,34 +123,39 @@ def fit_spherical_kmeans(
   """
   _check_points(points, num_clusters)
   if not isinstance(num_iters, numbers.Integral) or num_iters < 1:
-    raise ValueError(f'num_iters must be an int >= 1, got {num_iters!r}.')
+    raise ValueError(f"num_iters must be an int >= 1, got {num_iters!r}.")
   if not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
-    raise ValueError(f'chunk_size must be an int >= 1, got {chunk_size!r}.')
+    raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}.")
   init_key, reseed_key = jax.random.split(key)
   if init is None:
     init = initial_centroids(init_key, points, num_clusters)
   elif init.shape != (num_clusters, points.shape[1]):
     raise ValueError(
-        f'init must have shape {(num_clusters, points.shape[1])} '
-        f'(num_clusters, dim), got {init.shape}.')
+      f"init must have shape {(num_clusters, points.shape[1])} "
+      f"(num_clusters, dim), got {init.shape}."
+    )
   chunk_size = min(int(chunk_size), points.shape[0])
-  return _fit(reseed_key, jnp.asarray(points), jnp.asarray(init),
-              num_iters=int(num_iters), chunk_size=chunk_size)
+  return _fit(
+    reseed_key,
+    jnp.asarray(points),
+    jnp.asarray(init),
+    num_iters=int(num_iters),
+    chunk_size=chunk_size,
+  )
 
 
 def _check_points(points, num_clusters):
-  if getattr(points, 'ndim', None) != 2:
+  if getattr(points, "ndim", None) != 2:
     raise ValueError(
-        f'points must be a 2-D array [M, d], got shape '
-        f'{getattr(points, "shape", None)}.')
-  if (not isinstance(num_clusters, numbers.Integral)
-      or not 1 <= num_clusters <= points.shape[0]):
+      f"points must be a 2-D array [M, d], got shape {getattr(points, 'shape', None)}."
+    )
+  if not isinstance(num_clusters, numbers.Integral) or not 1 <= num_clusters <= points.shape[0]:
     raise ValueError(
-        f'num_clusters must be an int in [1, M={points.shape[0]}], '
-        f'got {num_clusters!r}.')
+      f"num_clusters must be an int in [1, M={points.shape[0]}], got {num_clusters!r}."
+    )
 
 
-@functools.partial(jax.jit, static_argnames=('num_iters', 'chunk_size'))
+@functools.partial(jax.jit, static_argnames=("num_iters", "chunk_size"))
 def _fit(key, points, init, *, num_iters, chunk_size):
   points = unit_rows(points)
   num_points, dim = points.shape
@@ -186,14 +189,10 @@ def _fit(key, points, init, *, num_iters, chunk_size):
     sums, total = assign_and_sum(centroids)
     norms = jnp.linalg.norm(sums, axis=-1, keepdims=True)
     dead = norms[:, 0] < _MIN_SUM_NORM
-    seeds = jax.random.randint(
-        jax.random.fold_in(key, t), (num_clusters,), 0, num_points)
-    new = jnp.where(dead[:, None], points[seeds],
-                    sums / jnp.maximum(norms, _EPS))
-    stats = {'mean_cosine': total / num_points,
-             'num_reseeded': jnp.sum(dead).astype(jnp.int32)}
+    seeds = jax.random.randint(jax.random.fold_in(key, t), (num_clusters,), 0, num_points)
+    new = jnp.where(dead[:, None], points[seeds], sums / jnp.maximum(norms, _EPS))
+    stats = {"mean_cosine": total / num_points, "num_reseeded": jnp.sum(dead).astype(jnp.int32)}
     return new, stats
 
-  centroids, stats = jax.lax.scan(
-      iteration, unit_rows(init), jnp.arange(num_iters))
+  centroids, stats = jax.lax.scan(iteration, unit_rows(init), jnp.arange(num_iters))
   return centroids, stats

@@ -24,9 +24,17 @@ def _knn_predict(bank, bank_labels, queries, *, k, num_classes, temperature):
   return jnp.argmax(votes.sum(axis=1), axis=-1)
 
 
-def knn_accuracy(train_features: np.ndarray, train_labels: np.ndarray,
-                 test_features: np.ndarray, test_labels: np.ndarray, *, k: int,
-                 temperature: float, num_classes: int, chunk: int = 1024) -> float:
+def knn_accuracy(
+  train_features: np.ndarray,
+  train_labels: np.ndarray,
+  test_features: np.ndarray,
+  test_labels: np.ndarray,
+  *,
+  k: int,
+  temperature: float,
+  num_classes: int,
+  chunk: int = 1024,
+) -> float:
   """Top-1 accuracy of weighted k-NN on L2-normalised features.
 
   Args:
@@ -35,14 +43,25 @@ def knn_accuracy(train_features: np.ndarray, train_labels: np.ndarray,
   """
   if k > len(train_features):
     raise ValueError(f"knn k={k} exceeds the {len(train_features)} training features")
+
   def normalise(x):
     x = np.asarray(x, np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
   bank = jnp.asarray(normalise(train_features))
   bank_labels = jnp.asarray(train_labels, jnp.int32)
   queries = normalise(test_features)
   predictions = [
-      np.asarray(_knn_predict(bank, bank_labels, jnp.asarray(queries[i:i + chunk]), k=k,
-                              num_classes=num_classes, temperature=temperature))
-      for i in range(0, len(queries), chunk)]
+    np.asarray(
+      _knn_predict(
+        bank,
+        bank_labels,
+        jnp.asarray(queries[i : i + chunk]),
+        k=k,
+        num_classes=num_classes,
+        temperature=temperature,
+      )
+    )
+    for i in range(0, len(queries), chunk)
+  ]
   return float(np.mean(np.concatenate(predictions) == np.asarray(test_labels)))

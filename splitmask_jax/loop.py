@@ -11,7 +11,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -19,14 +20,14 @@ from absl import logging
 from clu import periodic_actions
 from jax.experimental import multihost_utils
 
-from splitmask_jax import checkpointing
 from splitmask_jax import config_base
-from splitmask_jax import datasets
-from splitmask_jax import input_pipeline
-from splitmask_jax import metric_log
-from splitmask_jax import preemption
-from splitmask_jax import profiling
-from splitmask_jax import sharding
+from splitmask_jax.data import datasets
+from splitmask_jax.data import input_pipeline
+from splitmask_jax.runtime import checkpointing
+from splitmask_jax.runtime import metric_log
+from splitmask_jax.runtime import preemption
+from splitmask_jax.runtime import profiling
+from splitmask_jax.runtime import sharding
 
 CONFIG_FILE = "config.json"
 
@@ -45,10 +46,11 @@ def _check_workdir_config(config, workdir: str, allow_config_change: bool) -> bo
   if conflicts and not allow_config_change:
     changes = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in conflicts.items())
     raise ValueError(
-        f"{workdir} holds a run of another config ({changes}). Use another workdir, or "
-        "resume this run with the new values by passing --allow_config_change "
-        f"(allow_config_change=True in Python). Keys that may change "
-        f"on resume: {', '.join(config_base.RESUMABLE_KEYS)}.")
+      f"{workdir} holds a run of another config ({changes}). Use another workdir, or "
+      "resume this run with the new values by passing --allow_config_change "
+      f"(allow_config_change=True in Python). Keys that may change "
+      f"on resume: {', '.join(config_base.RESUMABLE_KEYS)}."
+    )
   return bool(conflicts)
 
 
@@ -62,10 +64,13 @@ def save_config(config, workdir: str, replaced_at_step: int | None = None) -> No
   metric_log.write_atomically(path, config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-
-def open_workdir(config, workdir: str, *, allow_config_change: bool,
-                 check_checkpoint: Callable[[checkpointing.Checkpointer, int], None] | None = None
-                 ) -> tuple[checkpointing.Checkpointer, int]:
+def open_workdir(
+  config,
+  workdir: str,
+  *,
+  allow_config_change: bool,
+  check_checkpoint: Callable[[checkpointing.Checkpointer, int], None] | None = None,
+) -> tuple[checkpointing.Checkpointer, int]:
   """Checks `config` against the workdir's run, then records it there.
 
   Args:
@@ -93,8 +98,9 @@ def open_workdir(config, workdir: str, *, allow_config_change: bool,
 
 def prepare_data(data) -> datasets.DatasetInfo:
   """Prepares `config.data`'s dataset (process 0; the others wait) and describes it."""
-  datasets.prepare_dataset(data.dataset, data.data_dir, data.manual_dir,
-                           process_index=jax.process_index())
+  datasets.prepare_dataset(
+    data.dataset, data.data_dir, data.manual_dir, process_index=jax.process_index()
+  )
   if jax.process_count() > 1:  # process 0 prepares; the others read once it is done
     multihost_utils.sync_global_devices("dataset prepared")
   return datasets.dataset_info(data.dataset, data.data_dir)
@@ -121,8 +127,14 @@ def num_steps(config, train_size: int) -> tuple[int, float]:
     if config.max_epochs is not None and total > config.max_epochs * steps_per_epoch:
       total = max(1, math.ceil(config.max_epochs * steps_per_epoch))
       how += f", capped at max_epochs={config.max_epochs:g}"
-  logging.info("Schedule: %d steps of %d examples = %.4g epochs of %d examples (%s)", total,
-               config.batch_size, total / steps_per_epoch, train_size, how)
+  logging.info(
+    "Schedule: %d steps of %d examples = %.4g epochs of %d examples (%s)",
+    total,
+    config.batch_size,
+    total / steps_per_epoch,
+    train_size,
+    how,
+  )
   return total, steps_per_epoch
 
 
@@ -146,22 +158,26 @@ def _accumulate(window, step, metrics, opt_state, max_skips, skipped_images):
   """
   if window is None:
     zeros = jax.tree.map(jnp.zeros_like, metrics)
-    window = {"sums": zeros, "bad": zeros, "bad_step": jnp.int32(-1),
-              "applied": jnp.int32(0), "skipped_updates": jnp.int32(0),
-              "skipped_images": jnp.int32(0)}
+    window = {
+      "sums": zeros,
+      "bad": zeros,
+      "bad_step": jnp.int32(-1),
+      "applied": jnp.int32(0),
+      "skipped_updates": jnp.int32(0),
+      "skipped_images": jnp.int32(0),
+    }
   # The wrapper skipped this update: its gradient was not finite and not yet
   # more than max_skips times in a row.
   skipped = ~opt_state.last_finite & (opt_state.notfinite_count <= max_skips)
   finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in jax.tree.leaves(metrics)]))
   first_bad = ~finite & ~skipped & (window["bad_step"] < 0)
   return {
-      "sums": jax.tree.map(lambda s, m: s + jnp.where(skipped, 0.0, m), window["sums"],
-                           metrics),
-      "bad": jax.tree.map(lambda b, m: jnp.where(first_bad, m, b), window["bad"], metrics),
-      "bad_step": jnp.where(first_bad, step, window["bad_step"]),
-      "applied": window["applied"] + (~skipped).astype(jnp.int32),
-      "skipped_updates": window["skipped_updates"] + skipped.astype(jnp.int32),
-      "skipped_images": window["skipped_images"] + jnp.sum(skipped_images),
+    "sums": jax.tree.map(lambda s, m: s + jnp.where(skipped, 0.0, m), window["sums"], metrics),
+    "bad": jax.tree.map(lambda b, m: jnp.where(first_bad, m, b), window["bad"], metrics),
+    "bad_step": jnp.where(first_bad, step, window["bad_step"]),
+    "applied": window["applied"] + (~skipped).astype(jnp.int32),
+    "skipped_updates": window["skipped_updates"] + skipped.astype(jnp.int32),
+    "skipped_images": window["skipped_images"] + jnp.sum(skipped_images),
   }
 
 
@@ -174,10 +190,11 @@ def _window_values(window, step: int, workdir: str, config) -> dict[str, float]:
   if window["bad_step"] >= 0:
     parts = ", ".join(f"{k}={float(v):.6g}" for k, v in sorted(window["bad"].items()))
     raise FloatingPointError(
-        f"Non-finite loss or gradient at step {int(window['bad_step'])}: {parts}. The run "
-        f"stopped at step {step}, before saving it: the checkpoints in {workdir} are "
-        "from before the divergence. To skip such updates instead, set "
-        "config.skip_nonfinite_updates=True.")
+      f"Non-finite loss or gradient at step {int(window['bad_step'])}: {parts}. The run "
+      f"stopped at step {step}, before saving it: the checkpoints in {workdir} are "
+      "from before the divergence. To skip such updates instead, set "
+      "config.skip_nonfinite_updates=True."
+    )
   applied = int(window["applied"])
   values = {k: float(v) / applied for k, v in window["sums"].items()} if applied else {}
   values["skipped_images"] = float(window["skipped_images"])
@@ -186,11 +203,22 @@ def _window_values(window, step: int, workdir: str, config) -> dict[str, float]:
   return values
 
 
-
-def run(config, workdir: str, *, state, train_iter: Iterator, train_step: Callable,
-        max_skips: int, mesh, start_step: int, total_steps: int, steps_per_epoch: float,
-        checkpointer: checkpointing.Checkpointer, log: metric_log.MetricLog,
-        evaluate: Callable[[object], dict[str, float]]):
+def run(
+  config,
+  workdir: str,
+  *,
+  state,
+  train_iter: Iterator,
+  train_step: Callable,
+  max_skips: int,
+  mesh,
+  start_step: int,
+  total_steps: int,
+  steps_per_epoch: float,
+  checkpointer: checkpointing.Checkpointer,
+  log: metric_log.MetricLog,
+  evaluate: Callable[[object], dict[str, float]],
+):
   """Runs steps start_step + 1 ... total_steps, logging, evaluating and saving.
 
   Args:
@@ -212,8 +240,9 @@ def run(config, workdir: str, *, state, train_iter: Iterator, train_step: Callab
   """
   accumulate = jax.jit(_accumulate, out_shardings=sharding.replicated(mesh))
   profiler = profiling.StepProfiler(config.profile, workdir, total_steps)
-  progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=log.writer,
-                                             every_steps=config.log_every)
+  progress = periodic_actions.ReportProgress(
+    num_train_steps=total_steps, writer=log.writer, every_steps=config.log_every
+  )
   last = {}
   window, window_steps, window_start = None, 0, time.time()
   with preemption.PreemptionWatcher() as watcher:
@@ -222,9 +251,14 @@ def run(config, workdir: str, *, state, train_iter: Iterator, train_step: Callab
       skipped_images = batch.pop(input_pipeline.SKIPPED_KEY)
       batch = sharding.global_batch(batch, mesh)
       state, metrics = train_step(state, batch)
-      window = accumulate(window, state.step, metrics,
-                          state.opt_state._replace(inner_state=()), max_skips,
-                          sharding.global_batch(skipped_images, mesh))
+      window = accumulate(
+        window,
+        state.step,
+        metrics,
+        state.opt_state._replace(inner_state=()),
+        max_skips,
+        sharding.global_batch(skipped_images, mesh),
+      )
       window_steps += 1
       done = step + 1
       progress(done)
@@ -250,9 +284,12 @@ def run(config, workdir: str, *, state, train_iter: Iterator, train_step: Callab
         checkpointer.save(done, state, train_iter)
       if stop:
         checkpointer.wait()
-        logging.warning("Preempted: saved step %d in %s; exiting with status %d. Run "
-                        "the same command to resume.", done, checkpointer.directory,
-                        preemption.EXIT_CODE)
+        logging.warning(
+          "Preempted: saved step %d in %s; exiting with status %d. Run the same command to resume.",
+          done,
+          checkpointer.directory,
+          preemption.EXIT_CODE,
+        )
         raise preemption.Preempted(done)
       if logged:  # evaluation and saving stay out of the next window's images/s
         window_start = time.time()
@@ -265,5 +302,7 @@ def run(config, workdir: str, *, state, train_iter: Iterator, train_step: Callab
 def write_final_metrics(workdir: str, step: int, values: dict) -> None:
   """`final_metrics.json`: the run's last logged values (process 0 writes it)."""
   if jax.process_index() == 0:
-    metric_log.write_atomically(os.path.join(workdir, "final_metrics.json"), json.dumps(
-        {"step": step, **values}, indent=2, sort_keys=True))
+    metric_log.write_atomically(
+      os.path.join(workdir, "final_metrics.json"),
+      json.dumps({"step": step, **values}, indent=2, sort_keys=True),
+    )

@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 
 
-def token_cross_entropy(logits: jax.Array,
-                        targets: jax.Array,
-                        weights: jax.Array | None = None) -> jax.Array:
+def token_cross_entropy(
+  logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None
+) -> jax.Array:
   """Mean cross-entropy of visual-word predictions.
 
   Args:
@@ -18,17 +18,17 @@ def token_cross_entropy(logits: jax.Array,
     float32 scalar.
   """
   if logits.ndim < 1 or logits.shape[:-1] != targets.shape:
-    raise ValueError(f'targets must have shape logits.shape[:-1]={logits.shape[:-1]}, '
-                     f'got {targets.shape}')
+    raise ValueError(
+      f"targets must have shape logits.shape[:-1]={logits.shape[:-1]}, got {targets.shape}"
+    )
   if not jnp.issubdtype(targets.dtype, jnp.integer):
-    raise ValueError(f'targets must be an integer array, got dtype {targets.dtype}')
+    raise ValueError(f"targets must be an integer array, got dtype {targets.dtype}")
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   ce = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
   if weights is None:
     return jnp.mean(ce)
   if weights.shape != targets.shape:
-    raise ValueError(f'weights must have the shape of targets {targets.shape}, '
-                     f'got {weights.shape}')
+    raise ValueError(f"weights must have the shape of targets {targets.shape}, got {weights.shape}")
   weights = weights.astype(jnp.float32)
   return jnp.sum(weights * ce) / jnp.maximum(jnp.sum(weights), jnp.finfo(jnp.float32).tiny)
 
@@ -57,9 +57,9 @@ def symmetric_info_nce(za: jax.Array, zb: jax.Array, temperature: float) -> tupl
       diagonal, averaged over both directions}.
   """
   if za.ndim != 2 or za.shape != zb.shape:
-    raise ValueError(f'za and zb must both be [B, D], got {za.shape} and {zb.shape}')
+    raise ValueError(f"za and zb must both be [B, D], got {za.shape} and {zb.shape}")
   if not temperature > 0:
-    raise ValueError(f'temperature must be > 0, got {temperature}')
+    raise ValueError(f"temperature must be > 0, got {temperature}")
   za = _l2_normalize(za.astype(jnp.float32))
   zb = _l2_normalize(zb.astype(jnp.float32))
   logits = za @ zb.T / temperature
@@ -72,4 +72,4 @@ def symmetric_info_nce(za: jax.Array, zb: jax.Array, temperature: float) -> tupl
 
   loss_ab, acc_ab = direction(logits)
   loss_ba, acc_ba = direction(logits.T)
-  return 0.5 * (loss_ab + loss_ba), {'accuracy': 0.5 * (acc_ab + acc_ba)}
+  return 0.5 * (loss_ab + loss_ba), {"accuracy": 0.5 * (acc_ab + acc_ba)}

@@ -6,8 +6,8 @@ r"""Pre-trains a ViT with SplitMask or BEiT, fine-tunes it, or probes its blocks
       --config.init.workdir=DIR --workdir=FT_DIR
 
 `config.task` says which: 'pretrain' (train.py), 'finetune' (finetune.py) or
-'probe' (probe.py). A config argument selects a variant:
-`--config=configs/fashion_mnist.py:beit`. Running again with the same workdir
+'probe' (probe.py). Options after the config file's colon select a variant
+(config_args.py): `--config=configs/fashion_mnist.py:beit,test`. Running again with the same workdir
 resumes from its latest checkpoint.
 
 Exit status: 0 when done; 42 (`preemption.EXIT_CODE`) when a preemption notice
@@ -23,24 +23,28 @@ from absl import logging
 from ml_collections import config_flags
 
 from splitmask_jax import config_base
-from splitmask_jax import distributed
 from splitmask_jax import finetune
-from splitmask_jax import preemption
 from splitmask_jax import probe
 from splitmask_jax import train
+from splitmask_jax.runtime import distributed
+from splitmask_jax.runtime import preemption
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Path to a config file.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
 flags.mark_flags_as_required(["config", "workdir"])
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
-    "allow_config_change", False,
-    "Resume a workdir whose saved config.json differs from --config on keys that "
-    "change what the run computes (by default such a workdir is refused).")
+  "allow_config_change",
+  False,
+  "Resume a workdir whose saved config.json differs from --config on keys that "
+  "change what the run computes (by default such a workdir is refused).",
+)
 # Multi-host runs started by hand or by launch/local.sh; SLURM and Cloud TPU
-# pods are detected from their environment (see distributed.py).
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "HOST:PORT of process 0's coordinator service.")
+# pods are detected from their environment (see runtime/distributed.py).
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", None, "HOST:PORT of process 0's coordinator service."
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
@@ -50,8 +54,9 @@ def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
   config_base.schema_of(config)  # raises for an unknown task
   if config.task == "probe":
     return probe.probe_blocks(config, workdir)
-  run_task = train.train_and_evaluate if config.task == "pretrain" else (
-      finetune.finetune_and_evaluate)
+  run_task = (
+    train.train_and_evaluate if config.task == "pretrain" else (finetune.finetune_and_evaluate)
+  )
   return run_task(config, workdir, allow_config_change=allow_config_change)
 
 
@@ -60,8 +65,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
-    results = run(_CONFIG.value, _WORKDIR.value,
-                  allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    results = run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except preemption.Preempted as e:
     logging.warning("%s", e)
     sys.exit(preemption.EXIT_CODE)

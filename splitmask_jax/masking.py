@@ -49,11 +49,12 @@ def _check_int(name, value, low, high=None):
 
 
 def _check_grid(grid):
-  if (not isinstance(grid, (tuple, list)) or len(grid) != 2 or
-      any(isinstance(g, bool) or not isinstance(g, numbers.Integral) or g < 1
-          for g in grid)):
-    raise ValueError("grid must be a pair of positive integers (height, "
-                     f"width), got {grid!r}")
+  if (
+    not isinstance(grid, (tuple, list))
+    or len(grid) != 2
+    or any(isinstance(g, bool) or not isinstance(g, numbers.Integral) or g < 1 for g in grid)
+  ):
+    raise ValueError(f"grid must be a pair of positive integers (height, width), got {grid!r}")
   return int(grid[0]), int(grid[1])
 
 
@@ -65,8 +66,9 @@ def _check_rng(rng):
 def _check_bool_array(name, value, shape):
   value = np.asarray(value)
   if value.dtype != np.bool_ or value.shape != shape:
-    raise ValueError(f"{name} must be a bool array of shape {shape}, "
-                     f"got {value.dtype} {value.shape}")
+    raise ValueError(
+      f"{name} must be a bool array of shape {shape}, got {value.dtype} {value.shape}"
+    )
   return value
 
 
@@ -74,16 +76,18 @@ def _check_block_sizes(min_block, max_block):
   min_block = _check_int("min_block", min_block, 1)
   max_block = _check_int("max_block", max_block, 1)
   if min_block > max_block:
-    raise ValueError(f"min_block must be <= max_block, got min_block="
-                     f"{min_block} > max_block={max_block}")
+    raise ValueError(
+      f"min_block must be <= max_block, got min_block={min_block} > max_block={max_block}"
+    )
   return min_block, max_block
 
 
 def _block_sizes(num_patches, min_block, max_block):
   """Fills in `default_block_sizes` for bounds left as None, then checks."""
   default_min, default_max = default_block_sizes(num_patches)
-  return _check_block_sizes(default_min if min_block is None else min_block,
-                            default_max if max_block is None else max_block)
+  return _check_block_sizes(
+    default_min if min_block is None else min_block, default_max if max_block is None else max_block
+  )
 
 
 def _uniform(rng, a, b):
@@ -103,18 +107,19 @@ def default_block_sizes(num_patches: int) -> tuple[int, int]:
   """
   num_patches = _check_int("num_patches", num_patches, 1)
   scale = num_patches / _BEIT_NUM_PATCHES
-  return (max(1, round(_BEIT_MIN_BLOCK * scale)),
-          max(1, round(_BEIT_MAX_BLOCK * scale)))
+  return (max(1, round(_BEIT_MIN_BLOCK * scale)), max(1, round(_BEIT_MAX_BLOCK * scale)))
 
 
-def block_mask(rng: np.random.Generator,
-               grid: tuple[int, int],
-               num_masked: int,
-               *,
-               min_block: int,
-               max_block: int,
-               min_aspect: float = 0.3,
-               initial: np.ndarray | None = None) -> np.ndarray:
+def block_mask(
+  rng: np.random.Generator,
+  grid: tuple[int, int],
+  num_masked: int,
+  *,
+  min_block: int,
+  max_block: int,
+  min_aspect: float = 0.3,
+  initial: np.ndarray | None = None,
+) -> np.ndarray:
   """BEiT's random block masking, with BEiT's (not exact) count.
 
   While fewer than `num_masked` cells are masked, one block is placed with a
@@ -146,8 +151,11 @@ def block_mask(rng: np.random.Generator,
   height, width = _check_grid(grid)
   num_masked = _check_int("num_masked", num_masked, 0, height * width)
   min_block, max_block = _check_block_sizes(min_block, max_block)
-  if (isinstance(min_aspect, bool) or not isinstance(min_aspect, numbers.Real)
-      or not 0 < min_aspect <= 1):
+  if (
+    isinstance(min_aspect, bool)
+    or not isinstance(min_aspect, numbers.Real)
+    or not 0 < min_aspect <= 1
+  ):
     raise ValueError(f"min_aspect must be in (0, 1], got {min_aspect!r}")
   if initial is None:
     mask = np.zeros((height, width), dtype=bool)
@@ -167,7 +175,7 @@ def block_mask(rng: np.random.Generator,
       if h < height and w < width:
         top = int(rng.integers(0, height - h + 1))
         left = int(rng.integers(0, width - w + 1))
-        block = mask[top:top + h, left:left + w]
+        block = mask[top : top + h, left : left + w]
         new = h * w - int(block.sum())
         if 0 < new <= budget:
           block[...] = True
@@ -180,10 +188,9 @@ def block_mask(rng: np.random.Generator,
   return mask
 
 
-def exact_count(rng: np.random.Generator,
-                mask: np.ndarray,
-                count: int,
-                allowed: np.ndarray | None = None) -> np.ndarray:
+def exact_count(
+  rng: np.random.Generator, mask: np.ndarray, count: int, allowed: np.ndarray | None = None
+) -> np.ndarray:
   """Returns `mask` with exactly `count` cells set: the exact-count rule.
 
   Too few set cells: cells drawn uniformly without replacement among the unset
@@ -206,8 +213,7 @@ def exact_count(rng: np.random.Generator,
   _check_rng(rng)
   mask = np.asarray(mask)
   if mask.dtype != np.bool_ or mask.ndim != 1:
-    raise ValueError(f"mask must be a 1-D bool array, got {mask.dtype} "
-                     f"{mask.shape}")
+    raise ValueError(f"mask must be a 1-D bool array, got {mask.dtype} {mask.shape}")
   size = mask.shape[0]
   count = _check_int("count", count, 0, size)
   if allowed is None:
@@ -224,18 +230,21 @@ def exact_count(rng: np.random.Generator,
   change = abs(count - have)
   if change > candidates.size:
     raise ValueError(
-        f"count={count} is unreachable: {have} cells are set and only "
-        f"{candidates.size} allowed cells can change")
+      f"count={count} is unreachable: {have} cells are set and only "
+      f"{candidates.size} allowed cells can change"
+    )
   out[rng.choice(candidates, size=change, replace=False)] = top_up
   return out
 
 
-def beit_mask(rng: np.random.Generator,
-              grid: tuple[int, int],
-              num_masked: int,
-              *,
-              min_block: int,
-              max_block: int) -> np.ndarray:
+def beit_mask(
+  rng: np.random.Generator,
+  grid: tuple[int, int],
+  num_masked: int,
+  *,
+  min_block: int,
+  max_block: int,
+) -> np.ndarray:
   """BEiT block mask with exactly `num_masked` cells set.
 
   `block_mask` followed by `exact_count` (uniform top-up).
@@ -243,13 +252,11 @@ def beit_mask(rng: np.random.Generator,
   Returns:
     bool [H * W], row-major.
   """
-  mask = block_mask(rng, grid, num_masked, min_block=min_block,
-                    max_block=max_block)
+  mask = block_mask(rng, grid, num_masked, min_block=min_block, max_block=max_block)
   return exact_count(rng, mask.reshape(-1), num_masked)
 
 
-def uniform_mask(rng: np.random.Generator, num_patches: int,
-                 num_masked: int) -> np.ndarray:
+def uniform_mask(rng: np.random.Generator, num_patches: int, num_masked: int) -> np.ndarray:
   """Uniformly random mask: `num_masked` cells drawn without replacement.
 
   Returns:
@@ -261,27 +268,30 @@ def uniform_mask(rng: np.random.Generator, num_patches: int,
 
 
 def _num_visible(num_patches, ratio):
-  if (isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or
-      not 0.5 <= ratio < 1):
+  if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.5 <= ratio < 1:
     raise ValueError(
-        f"ratio must be in [0.5, 1) for a split, got {ratio!r}: two disjoint "
-        "subsets of (1 - ratio) * N patches each need ratio >= 0.5")
+      f"ratio must be in [0.5, 1) for a split, got {ratio!r}: two disjoint "
+      "subsets of (1 - ratio) * N patches each need ratio >= 0.5"
+    )
   # The epsilon keeps e.g. (1 - 0.75) * 196 = 48.99999... from losing a patch.
   num_visible = math.floor((1 - ratio) * num_patches + 1e-6)
   if num_visible < 1:
     raise ValueError(
-        f"ratio={ratio} leaves no visible patch on a grid of {num_patches} "
-        f"patches; ratio must be <= 1 - 1/{num_patches}")
+      f"ratio={ratio} leaves no visible patch on a grid of {num_patches} "
+      f"patches; ratio must be <= 1 - 1/{num_patches}"
+    )
   return num_visible
 
 
-def split_patches(rng: np.random.Generator,
-                  grid: tuple[int, int],
-                  ratio: float,
-                  *,
-                  kind: str,
-                  min_block: int | None = None,
-                  max_block: int | None = None) -> dict[str, np.ndarray]:
+def split_patches(
+  rng: np.random.Generator,
+  grid: tuple[int, int],
+  ratio: float,
+  *,
+  kind: str,
+  min_block: int | None = None,
+  max_block: int | None = None,
+) -> dict[str, np.ndarray]:
   """Splits the patches into two disjoint visible subsets A and B.
 
   Each branch sees n_vis = floor((1 - ratio) * N + 1e-6) patches and predicts
@@ -316,32 +326,37 @@ def split_patches(rng: np.random.Generator,
     a = np.zeros(num_patches, dtype=bool)
     b = np.zeros(num_patches, dtype=bool)
     a[order[:num_visible]] = True
-    b[order[num_visible:2 * num_visible]] = True
+    b[order[num_visible : 2 * num_visible]] = True
   elif kind == "block":
     min_block, max_block = _block_sizes(num_patches, min_block, max_block)
-    a = beit_mask(rng, grid, num_visible, min_block=min_block,
-                  max_block=max_block)
-    grown = block_mask(rng, grid, 2 * num_visible, min_block=min_block,
-                       max_block=max_block, initial=a.reshape(height, width))
+    a = beit_mask(rng, grid, num_visible, min_block=min_block, max_block=max_block)
+    grown = block_mask(
+      rng,
+      grid,
+      2 * num_visible,
+      min_block=min_block,
+      max_block=max_block,
+      initial=a.reshape(height, width),
+    )
     b = exact_count(rng, grown.reshape(-1) & ~a, num_visible, allowed=~a)
   else:
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
   return {
-      "visible_a": np.flatnonzero(a).astype(np.int32),
-      "visible_b": np.flatnonzero(b).astype(np.int32),
-      "masked_a": np.flatnonzero(~a).astype(np.int32),
-      "masked_b": np.flatnonzero(~b).astype(np.int32),
+    "visible_a": np.flatnonzero(a).astype(np.int32),
+    "visible_b": np.flatnonzero(b).astype(np.int32),
+    "masked_a": np.flatnonzero(~a).astype(np.int32),
+    "masked_b": np.flatnonzero(~b).astype(np.int32),
   }
 
 
 def make_mask_fn(
-    objective: str,
-    grid: tuple[int, int],
-    ratio: float,
-    *,
-    kind: str = "block",
-    min_block: int | None = None,
-    max_block: int | None = None,
+  objective: str,
+  grid: tuple[int, int],
+  ratio: float,
+  *,
+  kind: str = "block",
+  min_block: int | None = None,
+  max_block: int | None = None,
 ) -> Callable[[np.random.Generator], dict[str, np.ndarray]]:
   """Validates a masking setup and returns the per-example mask function.
 
@@ -362,8 +377,7 @@ def make_mask_fn(
     the sorted indices of those cells.
   """
   if objective not in OBJECTIVES:
-    raise ValueError(
-        f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
   if kind not in KINDS:
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
   height, width = _check_grid(grid)
@@ -375,23 +389,22 @@ def make_mask_fn(
     _num_visible(num_patches, ratio)
 
     def split_fn(rng):
-      return split_patches(rng, grid, ratio, kind=kind, min_block=min_block,
-                           max_block=max_block)
+      return split_patches(rng, grid, ratio, kind=kind, min_block=min_block, max_block=max_block)
 
     return split_fn
 
-  if (isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or
-      not 0 < ratio < 1):
+  if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio < 1:
     raise ValueError(f"ratio must be in (0, 1), got {ratio!r}")
   num_masked = round(ratio * num_patches)
   if num_masked < 1:
-    raise ValueError(f"ratio={ratio} masks no patch on a grid of "
-                     f"{num_patches} patches; round(ratio * N) must be >= 1")
+    raise ValueError(
+      f"ratio={ratio} masks no patch on a grid of "
+      f"{num_patches} patches; round(ratio * N) must be >= 1"
+    )
 
   def beit_fn(rng):
     if kind == "block":
-      mask = beit_mask(rng, grid, num_masked, min_block=min_block,
-                       max_block=max_block)
+      mask = beit_mask(rng, grid, num_masked, min_block=min_block, max_block=max_block)
     else:
       mask = uniform_mask(rng, num_patches, num_masked)
     return {"mask": mask, "masked": np.flatnonzero(mask).astype(np.int32)}

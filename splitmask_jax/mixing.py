@@ -29,8 +29,11 @@ def _check_real(name: str, value, low: float, high: float, *, high_open: bool = 
 
 
 def _check_num_classes(num_classes) -> int:
-  if (isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or
-      num_classes < 1):
+  if (
+    isinstance(num_classes, bool)
+    or not isinstance(num_classes, numbers.Integral)
+    or num_classes < 1
+  ):
     raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
   return int(num_classes)
 
@@ -79,9 +82,17 @@ def _cutmix(images: jax.Array, lam: jax.Array, key: jax.Array) -> tuple[jax.Arra
   return jnp.where(box, images[::-1], images), lam
 
 
-def mix_batch(images: jax.Array, labels: jax.Array, rng: jax.Array, *, num_classes: int,
-              mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, switch_prob: float = 0.5,
-              label_smoothing: float = 0.1) -> tuple[jax.Array, jax.Array, jax.Array]:
+def mix_batch(
+  images: jax.Array,
+  labels: jax.Array,
+  rng: jax.Array,
+  *,
+  num_classes: int,
+  mixup_alpha: float = 0.8,
+  cutmix_alpha: float = 1.0,
+  switch_prob: float = 0.5,
+  label_smoothing: float = 0.1,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Mixup or cutmix of a batch with its reverse, and the matching soft targets.
 
   When both alphas are positive, cutmix is drawn with probability switch_prob
@@ -112,8 +123,9 @@ def mix_batch(images: jax.Array, labels: jax.Array, rng: jax.Array, *, num_class
   cutmix_alpha = _check_real("cutmix_alpha", cutmix_alpha, 0.0, float("inf"))
   switch_prob = _check_real("switch_prob", switch_prob, 0.0, 1.0)
   if images.ndim != 4 or not jnp.issubdtype(images.dtype, jnp.floating):
-    raise ValueError(f"images must be a float array [B, H, W, C], got {images.dtype} "
-                     f"{images.shape}")
+    raise ValueError(
+      f"images must be a float array [B, H, W, C], got {images.dtype} {images.shape}"
+    )
   if labels.shape != images.shape[:1]:
     raise ValueError(f"labels must have shape [B]={images.shape[:1]}, got {labels.shape}")
 
@@ -146,7 +158,9 @@ def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     float32 [].
   """
   if logits.ndim != 2 or logits.shape != targets.shape:
-    raise ValueError(f"logits and targets must both be [B, K], got {logits.shape} and "
-                     f"{targets.shape}")
-  return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32),
-                                              targets.astype(jnp.float32)))
+    raise ValueError(
+      f"logits and targets must both be [B, K], got {logits.shape} and {targets.shape}"
+    )
+  return jnp.mean(
+    optax.softmax_cross_entropy(logits.astype(jnp.float32), targets.astype(jnp.float32))
+  )

@@ -19,14 +19,17 @@ def decay_mask(params):
   Decay applies to matrices and kernels; not to norm scales, biases (ndim <= 1)
   or the position and mask embeddings.
   """
+
   def keep(path, leaf):
     names = {getattr(k, "key", None) for k in path}
     return leaf.ndim > 1 and not names.intersection(_NO_DECAY_NAMES)
+
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def learning_rate_schedule(optim_config, batch_size: int, total_steps: int,
-                           steps_per_epoch: float) -> optax.Schedule:
+def learning_rate_schedule(
+  optim_config, batch_size: int, total_steps: int, steps_per_epoch: float
+) -> optax.Schedule:
   """Linear warmup from 0 to the peak, then cosine decay to `min_lr`.
 
   The peak is `base_lr * batch_size / base_batch_size` (linear scaling). The
@@ -40,9 +43,12 @@ def learning_rate_schedule(optim_config, batch_size: int, total_steps: int,
     warmup = int(round(optim_config.warmup_epochs * steps_per_epoch))
   warmup = min(warmup, max(total_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak, warmup_steps=warmup,
-      decay_steps=max(total_steps, warmup + 1),
-      end_value=min(optim_config.min_lr, peak))
+    init_value=0.0,
+    peak_value=peak,
+    warmup_steps=warmup,
+    decay_steps=max(total_steps, warmup + 1),
+    end_value=min(optim_config.min_lr, peak),
+  )
 
 
 _BLOCK = re.compile(r"block_(\d+)")
@@ -72,14 +78,17 @@ def layer_decay_multipliers(params, depth: int, decay: float):
   times the rate: the head at the full rate, each block below at `decay` times
   the one above (BEiT's layer-wise decay; 1.0 gives all ones).
   """
+
   def multiplier(path, _):
     names = tuple(str(getattr(k, "key", k)) for k in path)
     return float(decay ** (depth + 1 - layer_id(names, depth)))
+
   return jax.tree_util.tree_map_with_path(multiplier, params)
 
 
-def make_optimizer(optim_config, schedule: optax.Schedule, *,
-                   lr_multipliers=None) -> optax.GradientTransformation:
+def make_optimizer(
+  optim_config, schedule: optax.Schedule, *, lr_multipliers=None
+) -> optax.GradientTransformation:
   """Gradient clipping by global norm (unless grad_clip is None), AdamW with the
   decay mask, then per-parameter learning-rate multipliers.
 
@@ -93,9 +102,17 @@ def make_optimizer(optim_config, schedule: optax.Schedule, *,
   parts = []
   if optim_config.grad_clip is not None:
     parts.append(optax.clip_by_global_norm(optim_config.grad_clip))
-  parts.append(optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2,
-                           weight_decay=optim_config.weight_decay, mask=decay_mask))
+  parts.append(
+    optax.adamw(
+      schedule,
+      b1=optim_config.b1,
+      b2=optim_config.b2,
+      weight_decay=optim_config.weight_decay,
+      mask=decay_mask,
+    )
+  )
   if lr_multipliers is not None:
-    parts.append(optax.stateless(
-        lambda updates, _: jax.tree.map(lambda u, m: u * m, updates, lr_multipliers)))
+    parts.append(
+      optax.stateless(lambda updates, _: jax.tree.map(lambda u, m: u * m, updates, lr_multipliers))
+    )
   return optax.chain(*parts)

@@ -1,14 +1,14 @@
 """The paper's datasets (Table 3) and recipes (section 4, Table 9) as configs.
 
 Every `configs/<dataset>.py` is `recipes.get_config(<dataset>, arg)`: one file per
-dataset, with the task and the options as variants, e.g.
+dataset, with the task and the options after the colon (config_args.py), e.g.
 
   --config=configs/stanford_cars.py                 SplitMask pre-training
   --config=configs/stanford_cars.py:beit            the BEiT baseline
   --config=configs/stanford_cars.py:finetune        Table 9's fine-tuning
   --config=configs/stanford_cars.py:probe           linear probes on every block
   --config=configs/imagenet.py:share=0.1            a class-balanced 10% share
-  --config=configs/stanford_cars.py:finetune,test   a tiny model, 2 steps (smoke test)
+  --config=configs/stanford_cars.py:finetune,test   a tiny model, 4 steps (smoke test)
 
 Pre-training performs as many updates as 300 ImageNet epochs (the paper's
 constant-updates protocol), stated as `num_examples`: Table 3's epochs times the
@@ -22,7 +22,7 @@ ADE20k crops at most 25% of an image.
 Where the paper is silent (recorded here so that it is not decided twice): the
 held-out MIM loss is measured on the test split of Table 3 (the split fine-tuning
 reports on, never trained on); the small-data augmentation uses BYOL's one-view
-probabilities (photometric.py); BEiT keeps its block masking of 75 / 196
+probabilities (data/photometric.py); BEiT keeps its block masking of 75 / 196
 patches on every dataset; ImageNet fine-tuning, which Table 9 does not list, is
 BEiT's ViT-B recipe (100 epochs, 20 warmup, layer decay 0.65).
 """
@@ -34,6 +34,7 @@ import dataclasses
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from splitmask_jax import config_args
 from splitmask_jax import config_base
 
 IMAGENET_TRAIN_SIZE = 1_281_167
@@ -51,6 +52,7 @@ BEIT_MASK_RATIO = 75 / 196
 @dataclasses.dataclass(frozen=True)
 class FinetuneRecipe:
   """One column of Table 9 (what differs between datasets)."""
+
   base_lr: float  # at batch 1024
   layer_decay: float  # 1: none
   warmup_epochs: float
@@ -60,18 +62,27 @@ class FinetuneRecipe:
 
 
 # Table 9: the large sets (iNaturalist, Food) and the small ones (Cars, DomainNet).
-LARGE_SET_FINETUNE = FinetuneRecipe(base_lr=1.4e-4, layer_decay=1.0, warmup_epochs=5.0,
-                                    repeats=3, randaugment_magnitude=7.0)
-SMALL_SET_FINETUNE = FinetuneRecipe(base_lr=4e-3, layer_decay=0.65, warmup_epochs=60.0,
-                                    repeats=1, randaugment_magnitude=9.0)
+LARGE_SET_FINETUNE = FinetuneRecipe(
+  base_lr=1.4e-4, layer_decay=1.0, warmup_epochs=5.0, repeats=3, randaugment_magnitude=7.0
+)
+SMALL_SET_FINETUNE = FinetuneRecipe(
+  base_lr=4e-3, layer_decay=0.65, warmup_epochs=60.0, repeats=1, randaugment_magnitude=9.0
+)
 # BEiT's ImageNet fine-tuning of ViT-B (Table 9 covers the target datasets only).
-IMAGENET_FINETUNE = FinetuneRecipe(base_lr=4e-3, layer_decay=0.65, warmup_epochs=20.0,
-                                   repeats=1, randaugment_magnitude=9.0, num_epochs=100.0)
+IMAGENET_FINETUNE = FinetuneRecipe(
+  base_lr=4e-3,
+  layer_decay=0.65,
+  warmup_epochs=20.0,
+  repeats=1,
+  randaugment_magnitude=9.0,
+  num_epochs=100.0,
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class PaperDataset:
   """One row of Table 3 and how it is read and trained on."""
+
   tfds_name: str
   train_split: str
   test_split: str
@@ -90,62 +101,101 @@ class PaperDataset:
 
 
 def _domainnet(domain: str, train: int, test: int) -> PaperDataset:
-  return PaperDataset(f"domainnet/{domain}", "train", "test", train, test, 345, 5000,
-                      SMALL_SET_FINETUNE, max_epochs=SMALL_SET_MAX_EPOCHS,
-                      small_data_recipe=True)
+  return PaperDataset(
+    f"domainnet/{domain}",
+    "train",
+    "test",
+    train,
+    test,
+    345,
+    5000,
+    SMALL_SET_FINETUNE,
+    max_epochs=SMALL_SET_MAX_EPOCHS,
+    small_data_recipe=True,
+  )
 
 
 DATASETS = {
-    "imagenet": PaperDataset(
-        "imagenet2012", "train", "validation", IMAGENET_TRAIN_SIZE, 50_000, 1000, 300,
-        IMAGENET_FINETUNE),
-    "inaturalist2018": PaperDataset(
-        "i_naturalist2018", "train", "validation", 437_513, 24_426, 8142, 800,
-        LARGE_SET_FINETUNE),
-    "inaturalist2019": PaperDataset(
-        "i_naturalist2019", "train", "validation", 265_240, 3_003, 1010, 1400,
-        LARGE_SET_FINETUNE, notes="a builder of this project over the manually "
-        "downloaded competition files (inaturalist2019.py)"),
-    "food101": PaperDataset(
-        "food101", "train", "validation", 75_750, 25_250, 101, 5000, LARGE_SET_FINETUNE,
-        max_epochs=SMALL_SET_MAX_EPOCHS),
-    "stanford_cars": PaperDataset(
-        "cars196", "train", "test", 8_144, 8_041, 196, 5000, SMALL_SET_FINETUNE,
-        max_epochs=SMALL_SET_MAX_EPOCHS, small_data_recipe=True),
-    "domainnet_clipart": _domainnet("clipart", 34_019, 14_818),
-    "domainnet_painting": _domainnet("painting", 52_867, 22_892),
-    "domainnet_sketch": _domainnet("sketch", 49_115, 21_271),
-    "coco": PaperDataset(
-        "coco/2017", "train", "validation", 118_287, 5_000, 80, 3000, None, labelled=False,
-        notes="images only: objects have boxes, not one class per image"),
-    "ade20k": PaperDataset(
-        "scene_parse150", "train", "test", 20_210, 2_000, 150, 21_000, None,
-        max_crop_area=0.25, labelled=False,
-        notes="TFDS's scene_parse150 is ADE20k's SceneParsing benchmark"),
+  "imagenet": PaperDataset(
+    "imagenet2012", "train", "validation", IMAGENET_TRAIN_SIZE, 50_000, 1000, 300, IMAGENET_FINETUNE
+  ),
+  "inaturalist2018": PaperDataset(
+    "i_naturalist2018", "train", "validation", 437_513, 24_426, 8142, 800, LARGE_SET_FINETUNE
+  ),
+  "inaturalist2019": PaperDataset(
+    "i_naturalist2019",
+    "train",
+    "validation",
+    265_240,
+    3_003,
+    1010,
+    1400,
+    LARGE_SET_FINETUNE,
+    notes="a builder of this project over the manually "
+    "downloaded competition files (data/inaturalist2019.py)",
+  ),
+  "food101": PaperDataset(
+    "food101",
+    "train",
+    "validation",
+    75_750,
+    25_250,
+    101,
+    5000,
+    LARGE_SET_FINETUNE,
+    max_epochs=SMALL_SET_MAX_EPOCHS,
+  ),
+  "stanford_cars": PaperDataset(
+    "cars196",
+    "train",
+    "test",
+    8_144,
+    8_041,
+    196,
+    5000,
+    SMALL_SET_FINETUNE,
+    max_epochs=SMALL_SET_MAX_EPOCHS,
+    small_data_recipe=True,
+  ),
+  "domainnet_clipart": _domainnet("clipart", 34_019, 14_818),
+  "domainnet_painting": _domainnet("painting", 52_867, 22_892),
+  "domainnet_sketch": _domainnet("sketch", 49_115, 21_271),
+  "coco": PaperDataset(
+    "coco/2017",
+    "train",
+    "validation",
+    118_287,
+    5_000,
+    80,
+    3000,
+    None,
+    labelled=False,
+    notes="images only: objects have boxes, not one class per image",
+  ),
+  "ade20k": PaperDataset(
+    "scene_parse150",
+    "train",
+    "test",
+    20_210,
+    2_000,
+    150,
+    21_000,
+    None,
+    max_crop_area=0.25,
+    labelled=False,
+    notes="TFDS's scene_parse150 is ADE20k's SceneParsing benchmark",
+  ),
 }
 
-VARIANTS = ("beit", "finetune", "probe", "small_data", "share=<fraction>", "test")
-
-
-def _parse_variants(arg: str | None) -> tuple[set[str], float]:
-  args, share = set(), 1.0
-  for item in (arg or "").split(","):
-    if not item:
-      continue
-    if item.startswith("share="):
-      try:
-        share = float(item[len("share="):])
-      except ValueError:
-        raise ValueError(f"Config variant {item!r}: share=<fraction> needs a number in "
-                         "(0, 1], e.g. share=0.1.") from None
-    elif item in VARIANTS:
-      args.add(item)
-    else:
-      raise ValueError(f"Unknown config variant {item!r}; allowed: {VARIANTS}, "
-                       "comma-separated.")
-  if {"finetune", "probe"} <= args:
-    raise ValueError("Config variants 'finetune' and 'probe' exclude each other.")
-  return args, share
+# The options of every Table 3 config file (config_args.py).
+OPTIONS = (
+  config_args.BEIT,
+  config_args.FINETUNE,
+  config_args.PROBE,
+  config_args.SMALL_DATA,
+  config_args.SHARE,
+  config_args.TEST,
+)
 
 
 def use_small_data_recipe(c: ml_collections.ConfigDict) -> None:
@@ -161,8 +211,9 @@ def use_small_data_recipe(c: ml_collections.ConfigDict) -> None:
   c.augment.solarize_prob = 0.2
 
 
-def pretrain_config(dataset: PaperDataset, *, objective: str = "splitmask",
-                    share: float = 1.0) -> ml_collections.ConfigDict:
+def pretrain_config(
+  dataset: PaperDataset, *, objective: str = "splitmask", share: float = 1.0
+) -> ml_collections.ConfigDict:
   """Pre-training on `dataset` with the paper's recipe (ViT-B/16, 224 px, batch 2048)."""
   c = config_base.base_config()
   c.objective = objective
@@ -173,8 +224,11 @@ def pretrain_config(dataset: PaperDataset, *, objective: str = "splitmask",
   c.data.val_split = dataset.test_split
   c.data.train_fraction = share
   c.data.crop_scale = (0.08, dataset.max_crop_area)
-  c.num_examples = (REFERENCE_EXAMPLES if dataset.pretrain_epochs is None else
-                    round(dataset.pretrain_epochs * dataset.train_size))
+  c.num_examples = (
+    REFERENCE_EXAMPLES
+    if dataset.pretrain_epochs is None
+    else round(dataset.pretrain_epochs * dataset.train_size)
+  )
   c.max_epochs = dataset.max_epochs
   c.optim.warmup_fraction = WARMUP_FRACTION
   if dataset.small_data_recipe:
@@ -185,16 +239,18 @@ def pretrain_config(dataset: PaperDataset, *, objective: str = "splitmask",
   return c
 
 
-def finetune_config(dataset: PaperDataset, *, task: str = "finetune",
-                    share: float = 1.0, name: str = "") -> ml_collections.ConfigDict:
+def finetune_config(
+  dataset: PaperDataset, *, task: str = "finetune", share: float = 1.0, name: str = ""
+) -> ml_collections.ConfigDict:
   """Fine-tuning (or probing) on `dataset` with its column of Table 9."""
   recipe = dataset.finetune
   if recipe is None:
     raise ValueError(
-        f"{name or dataset.tfds_name}: the paper fine-tunes it for detection or segmentation "
-        "(Mask R-CNN, UperNet), which this project does not implement; pre-train on it and "
-        "export the encoder (python -m splitmask_jax.export) for a detection or "
-        "segmentation codebase.")
+      f"{name or dataset.tfds_name}: the paper fine-tunes it for detection or segmentation "
+      "(Mask R-CNN, UperNet), which this project does not implement; pre-train on it and "
+      "export the encoder (python -m splitmask_jax.export) for a detection or "
+      "segmentation codebase."
+    )
   c = config_base.downstream_config()
   c.task = task
   c.data.dataset = dataset.tfds_name
@@ -213,55 +269,56 @@ def finetune_config(dataset: PaperDataset, *, task: str = "finetune",
 
 
 def use_test_settings(c: ml_collections.ConfigDict) -> None:
-  """A tiny model for two steps on any data: the smoke test of a config."""
+  """A tiny model for four steps on any data: the `test` option of every config file,
+  the smoke test of a config (it saves at steps 2 and 4, evaluates at 4)."""
   c.model.variant = "Test/8"
   c.model.image_size = 32
   c.model.dtype = "float32"
   c.batch_size = 16
-  c.num_steps = 2
+  c.num_steps = 4
   c.num_examples = None
-  c.log_every = 1
-  c.eval_every = 2
+  c.log_every = 2
+  c.eval_every = 4
   c.checkpoint_every = 2
   c.data.num_workers = 0
   if c.task == "pretrain":
     c.tokenizer.vocab_size = 64
-    c.tokenizer.kmeans_num_patches = 1024
-    c.tokenizer.kmeans_iters = 2
-    c.eval_batches = 1
-    c.summary_images = 2
-    c.knn.num_train = 32
-    c.knn.num_test = 16
-    c.knn.batch_size = 16
-    c.knn.k = 3
+    c.tokenizer.kmeans_num_patches = 4096
+    c.tokenizer.kmeans_iters = 3
+    c.eval_batches = 2
+    c.knn.num_train = 200
+    c.knn.num_test = 100
+    c.knn.batch_size = 40
+    c.knn.k = 5
   else:
-    c.eval_batch_size = 16
-    c.probe.num_train = 32
-    c.probe.num_test = 16
-    c.probe.epochs = 2
-    c.probe.batch_size = 16
+    c.eval_batch_size = 40
+    c.probe.num_train = 200
+    c.probe.num_test = 100
+    c.probe.epochs = 3
+    c.probe.batch_size = 64
 
 
 # A folder of the user's own images: size unknown, so the paper's rule (the
 # updates of 300 ImageNet epochs, capped at 5,000 epochs) and the small sets'
 # fine-tuning column.
-IMAGE_FOLDER = PaperDataset("", "train", "validation", 0, 0, 0, None, SMALL_SET_FINETUNE,
-                            max_epochs=SMALL_SET_MAX_EPOCHS)
+IMAGE_FOLDER = PaperDataset(
+  "", "train", "validation", 0, 0, 0, None, SMALL_SET_FINETUNE, max_epochs=SMALL_SET_MAX_EPOCHS
+)
 
 
 def _config(dataset: PaperDataset, arg: str | None, name: str) -> ml_collections.ConfigDict:
-  args, share = _parse_variants(arg)
-  if "finetune" in args or "probe" in args:
-    if args & {"beit", "small_data"}:
-      raise ValueError("Config variants 'beit' and 'small_data' are pre-training options.")
-    c = finetune_config(dataset, task="probe" if "probe" in args else "finetune",
-                        share=share, name=name)
+  args = config_args.parse(arg, OPTIONS, exclusive=[("finetune", "probe")])
+  if args.finetune or args.probe:
+    if args.beit or args.small_data:
+      raise ValueError("Config arguments 'beit' and 'small_data' are pre-training options.")
+    c = finetune_config(
+      dataset, task="probe" if args.probe else "finetune", share=args.share, name=name
+    )
   else:
-    c = pretrain_config(dataset, objective="beit" if "beit" in args else "splitmask",
-                        share=share)
-    if "small_data" in args:
+    c = pretrain_config(dataset, objective="beit" if args.beit else "splitmask", share=args.share)
+    if args.small_data:
       use_small_data_recipe(c)
-  if "test" in args:
+  if args.test:
     use_test_settings(c)
   return c
 

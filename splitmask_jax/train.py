@@ -19,32 +19,32 @@ import numpy as np
 import optax
 from absl import logging
 
-from splitmask_jax import checkpointing
 from splitmask_jax import config_base
-from splitmask_jax import datasets
 from splitmask_jax import evaluation
-from splitmask_jax import input_pipeline
 from splitmask_jax import knn
 from splitmask_jax import loop
-from splitmask_jax import masking
-from splitmask_jax import metric_log
 from splitmask_jax import objectives
 from splitmask_jax import optim
-from splitmask_jax import photometric
-from splitmask_jax import sharding
-from splitmask_jax import subsets
 from splitmask_jax import tokenizers
 from splitmask_jax import train_step as train_step_lib
 from splitmask_jax import visualize
+from splitmask_jax.data import datasets
+from splitmask_jax.data import input_pipeline
+from splitmask_jax.data import photometric
+from splitmask_jax.data import subsets
 from splitmask_jax.models import vit
+from splitmask_jax.runtime import checkpointing
+from splitmask_jax.runtime import metric_log
+from splitmask_jax.runtime import sharding
 
 CONFIG_FILE = loop.CONFIG_FILE
 
 
 def _codebook_shape(config) -> tuple[int, int]:
   """(V, d): visual words and the dimension of a tokenizer patch."""
-  return config.tokenizer.vocab_size, tokenizers.codebook_dim(config.tokenizer.patch_size,
-                                                               config.model.num_channels)
+  return config.tokenizer.vocab_size, tokenizers.codebook_dim(
+    config.tokenizer.patch_size, config.model.num_channels
+  )
 
 
 def _check_codebook(config, checkpointer: checkpointing.Checkpointer, step: int) -> None:
@@ -55,15 +55,17 @@ def _check_codebook(config, checkpointer: checkpointing.Checkpointer, step: int)
   where = f"the checkpoint of step {step} in {checkpointer.directory}"
   if saved[0] != tok.vocab_size:
     raise ValueError(
-        f"config.tokenizer.vocab_size={tok.vocab_size} is invalid: {where} holds a "
-        f"codebook of {saved[0]} visual words, so the allowed value is {saved[0]} "
-        "(or start a new run in another workdir).")
+      f"config.tokenizer.vocab_size={tok.vocab_size} is invalid: {where} holds a "
+      f"codebook of {saved[0]} visual words, so the allowed value is {saved[0]} "
+      "(or start a new run in another workdir)."
+    )
   if saved[1] != dim:
     raise ValueError(
-        f"config.tokenizer.patch_size={tok.patch_size} with config.model.num_channels="
-        f"{config.model.num_channels} gives {dim}-dimensional token patches, but {where} "
-        f"holds a codebook of dimension {saved[1]}: use the run's patch size and "
-        "channels (or start a new run in another workdir).")
+      f"config.tokenizer.patch_size={tok.patch_size} with config.model.num_channels="
+      f"{config.model.num_channels} gives {dim}-dimensional token patches, but {where} "
+      f"holds a codebook of dimension {saved[1]}: use the run's patch size and "
+      "channels (or start a new run in another workdir)."
+    )
 
 
 def _sample_patches(config, source, grid, num_patches: int, seed: int) -> np.ndarray:
@@ -76,10 +78,18 @@ def _sample_patches(config, source, grid, num_patches: int, seed: int) -> np.nda
   num_images = min(len(source), -(-num_patches // per_image))
   batch_size = min(256, num_images)
   data = input_pipeline.pretrain_dataset(
-      source, batch_size=batch_size, image_size=config.model.image_size,
-      crop_scale=tuple(config.data.crop_scale), mask_fn=None, seed=seed)
-  view = jax.jit(lambda im: tokenizers.tokenizer_patches(
-      objectives.images_to_float(im), grid, config.tokenizer.patch_size))
+    source,
+    batch_size=batch_size,
+    image_size=config.model.image_size,
+    crop_scale=tuple(config.data.crop_scale),
+    mask_fn=None,
+    seed=seed,
+  )
+  view = jax.jit(
+    lambda im: tokenizers.tokenizer_patches(
+      objectives.images_to_float(im), grid, config.tokenizer.patch_size
+    )
+  )
   chunks, total = [], 0
   for batch in data:
     patches = np.asarray(view(batch["image"]))
@@ -100,10 +110,15 @@ def build_codebook(config, source, grid, key) -> jax.Array:
   patches = None
   if tok.kind != "random_projection":
     num = tok.kmeans_num_patches if tok.kind == "kmeans" else tok.vocab_size
-    patches = _sample_patches(config, source, grid, max(num, tok.vocab_size),
-                              seed=config.seed + 1)
-  return tokenizers.build_codebook(tok.kind, key, vocab_size=tok.vocab_size, dim=dim,
-                                   patches=patches, kmeans_iters=tok.kmeans_iters)
+    patches = _sample_patches(config, source, grid, max(num, tok.vocab_size), seed=config.seed + 1)
+  return tokenizers.build_codebook(
+    tok.kind,
+    key,
+    vocab_size=tok.vocab_size,
+    dim=dim,
+    patches=patches,
+    kmeans_iters=tok.kmeans_iters,
+  )
 
 
 def _pooled_features(model, params, images):
@@ -114,22 +129,36 @@ def _pooled_features(model, params, images):
 def knn_evaluation(config, model, params_by_name: dict, mesh, num_classes: int) -> dict:
   """k-NN top-1 of each named parameter set's pooled encoder features."""
   local_batch = sharding.check_batch_size(config.knn.batch_size, mesh, "knn.batch_size")
+
   def data(split, num):
     source = datasets.load_source(config.data.dataset, split, config.data.data_dir)
     return input_pipeline.eval_dataset(
-        source, batch_size=local_batch, image_size=config.model.image_size,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        num_examples=None if num is None else min(num, len(source)))
+      source,
+      batch_size=local_batch,
+      image_size=config.model.image_size,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      num_examples=None if num is None else min(num, len(source)),
+    )
+
   features_fn = jax.jit(lambda p, im: _pooled_features(model, p, im))
   results = {}
   for name, params in params_by_name.items():
     train_x, train_y = evaluation.extract_outputs(
-        features_fn, params, data(config.knn.train_split, config.knn.num_train), mesh)
+      features_fn, params, data(config.knn.train_split, config.knn.num_train), mesh
+    )
     test_x, test_y = evaluation.extract_outputs(
-        features_fn, params, data(config.knn.test_split, config.knn.num_test), mesh)
-    results[name] = knn.knn_accuracy(train_x, train_y, test_x, test_y, k=config.knn.k,
-                                     temperature=config.knn.temperature,
-                                     num_classes=num_classes)
+      features_fn, params, data(config.knn.test_split, config.knn.num_test), mesh
+    )
+    results[name] = knn.knn_accuracy(
+      train_x,
+      train_y,
+      test_x,
+      test_y,
+      k=config.knn.k,
+      temperature=config.knn.temperature,
+      num_classes=num_classes,
+    )
   return results
 
 
@@ -154,20 +183,23 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   """
   config_base.validate_config(config)
   if config.task != "pretrain":
-    raise ValueError(f"config.task={config.task!r}: train_and_evaluate pre-trains; "
-                     "main.run dispatches on the task.")
+    raise ValueError(
+      f"config.task={config.task!r}: train_and_evaluate pre-trains; "
+      "main.run dispatches on the task."
+    )
   mesh = sharding.make_mesh(config.mesh)
   local_batch = sharding.check_batch_size(config.batch_size, mesh)
   if config.knn.enabled:
     sharding.check_batch_size(config.knn.batch_size, mesh, "knn.batch_size")
   checkpointer, start_step = loop.open_workdir(
-      config, workdir, allow_config_change=allow_config_change,
-      check_checkpoint=lambda ckpt, step: _check_codebook(config, ckpt, step))
+    config,
+    workdir,
+    allow_config_change=allow_config_change,
+    check_checkpoint=lambda ckpt, step: _check_codebook(config, ckpt, step),
+  )
 
   grid = config_base.grid_size(config)
-  mask_fn = masking.make_mask_fn(
-      config.objective, grid, config.masking.ratio, kind=config.masking.kind,
-      min_block=config.masking.min_block, max_block=config.masking.max_block)
+  mask_fn = objectives.make_mask_fn(config, grid)
   data = config.data
   info = loop.prepare_data(data)
   train_source = datasets.training_share(data)
@@ -175,22 +207,34 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
 
   model = objectives.build_model(config, grid)
   loss_fn = objectives.build_loss_fn(config, model, grid)
-  schedule = optim.learning_rate_schedule(config.optim, config.batch_size, total_steps,
-                                          steps_per_epoch)
+  schedule = optim.learning_rate_schedule(
+    config.optim, config.batch_size, total_steps, steps_per_epoch
+  )
   # Always wrapped, so that the optimizer state has one structure and a run can
   # resume with skipping switched on or off; 0 errors tolerated applies every update.
   max_skips = config.max_consecutive_skips if config.skip_nonfinite_updates else 0
-  optimizer = optax.apply_if_finite(optim.make_optimizer(config.optim, schedule),
-                                    max_consecutive_errors=max_skips)
+  optimizer = optax.apply_if_finite(
+    optim.make_optimizer(config.optim, schedule), max_consecutive_errors=max_skips
+  )
   init_key, codebook_key = jax.random.split(jax.random.PRNGKey(config.seed))
   example_inputs = objectives.example_inputs(config, mask_fn(np.random.default_rng(0)))
 
-  train_iter = iter(input_pipeline.pretrain_dataset(
-      train_source, batch_size=local_batch, image_size=config.model.image_size,
-      crop_scale=tuple(data.crop_scale), augment_fn=photometric.make_augment_fn(config.augment),
-      mask_fn=mask_fn, seed=config.seed, process_index=jax.process_index(),
-      process_count=jax.process_count(), num_workers=data.num_workers,
-      prefetch_buffer=data.prefetch, count_skipped=True))
+  train_iter = iter(
+    input_pipeline.pretrain_dataset(
+      train_source,
+      batch_size=local_batch,
+      image_size=config.model.image_size,
+      crop_scale=tuple(data.crop_scale),
+      augment_fn=photometric.make_augment_fn(config.augment),
+      mask_fn=mask_fn,
+      seed=config.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      num_workers=data.num_workers,
+      prefetch_buffer=data.prefetch,
+      count_skipped=True,
+    )
+  )
 
   log = metric_log.MetricLog(workdir)
   if start_step:
@@ -200,8 +244,9 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     t0 = time.time()
     codebook = build_codebook(config, train_source, grid, codebook_key)
     logging.info("Built the %s codebook in %.1fs", config.tokenizer.kind, time.time() - t0)
-  state = train_step_lib.init_train_state(model, optimizer, codebook, example_inputs,
-                                          init_key, mesh)
+  state = train_step_lib.init_train_state(
+    model, optimizer, codebook, example_inputs, init_key, mesh
+  )
   # Records past the checkpoint (all of them for a fresh start) are recomputed.
   log.truncate_after(start_step if start_step else -1)
   if start_step:
@@ -211,8 +256,9 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     log.write(0, {"num_params": sum(x.size for x in jax.tree.leaves(state.params))})
 
   step_loss = objectives.step_loss(loss_fn)
-  train_step = train_step_lib.make_train_step(step_loss, optimizer, schedule, config.seed,
-                                              mesh, state)
+  train_step = train_step_lib.make_train_step(
+    step_loss, optimizer, schedule, config.seed, mesh, state
+  )
   eval_step = train_step_lib.make_eval_step(step_loss, mesh, state)
   val_source = datasets.load_source(data.dataset, data.val_split, data.data_dir)
 
@@ -220,13 +266,20 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   # cycled (a repeated image gets other masks), since a padded batch is skipped.
   num_val_batches = min(config.eval_batches, -(-len(val_source) // config.batch_size))
   val_records = subsets.Subset(
-      val_source, np.arange(num_val_batches * config.batch_size) % len(val_source))
+    val_source, np.arange(num_val_batches * config.batch_size) % len(val_source)
+  )
 
   def validate(state):
     val_data = input_pipeline.eval_dataset(
-        val_records, batch_size=local_batch, image_size=config.model.image_size,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        mask_fn=mask_fn, seed=config.seed, with_labels=False)
+      val_records,
+      batch_size=local_batch,
+      image_size=config.model.image_size,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      mask_fn=mask_fn,
+      seed=config.seed,
+      with_labels=False,
+    )
     sums, count = {}, 0
     for batch in val_data:
       if not np.all(batch["valid"]):  # a padded batch would bias the mean
@@ -239,8 +292,9 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
 
   summarize = visualize.make_summary_fn(config, model, val_source, mask_fn, mesh)
 
-  best = (checkpointing.BestCheckpointer(workdir, "val_loss") if config.keep_best_checkpoint
-          else None)
+  best = (
+    checkpointing.BestCheckpointer(workdir, "val_loss") if config.keep_best_checkpoint else None
+  )
 
   def evaluate(state):
     # Every process computes the summary (one jitted call); process 0 writes it.
@@ -254,27 +308,40 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     return values
 
   try:
-    state, last = loop.run(config, workdir, state=state, train_iter=train_iter,
-                           train_step=train_step, max_skips=max_skips, mesh=mesh,
-                           start_step=start_step, total_steps=total_steps,
-                           steps_per_epoch=steps_per_epoch, checkpointer=checkpointer,
-                           log=log, evaluate=evaluate)
+    state, last = loop.run(
+      config,
+      workdir,
+      state=state,
+      train_iter=train_iter,
+      train_step=train_step,
+      max_skips=max_skips,
+      mesh=mesh,
+      start_step=start_step,
+      total_steps=total_steps,
+      steps_per_epoch=steps_per_epoch,
+      checkpointer=checkpointer,
+      log=log,
+      evaluate=evaluate,
+    )
     if config.knn.enabled and info.num_classes is None:
       logging.info("No k-NN evaluation: %s has no labels.", data.dataset)
     elif config.knn.enabled:
       t0 = time.time()
       random_params = jax.jit(
-          lambda k: model.init({"params": k, "dropout": k}, *example_inputs, train=False)
+        lambda k: model.init({"params": k, "dropout": k}, *example_inputs, train=False)
       )(init_key)
-      accuracy = knn_evaluation(config, model, {"pretrained": state.params,
-                                                "random": random_params},
-                                mesh, info.num_classes)
-      values = {"knn_top1": accuracy["pretrained"],
-                "knn_top1_random_init": accuracy["random"]}
+      accuracy = knn_evaluation(
+        config, model, {"pretrained": state.params, "random": random_params}, mesh, info.num_classes
+      )
+      values = {"knn_top1": accuracy["pretrained"], "knn_top1_random_init": accuracy["random"]}
       log.write(total_steps, values)
       last.update(values)
-      logging.info("k-NN top-1 %.4f (random init %.4f) in %.1fs", accuracy["pretrained"],
-                   accuracy["random"], time.time() - t0)
+      logging.info(
+        "k-NN top-1 %.4f (random init %.4f) in %.1fs",
+        accuracy["pretrained"],
+        accuracy["random"],
+        time.time() - t0,
+      )
   finally:
     # Waits for a save in flight: whatever stopped the run, the last
     # checkpoint it started is complete.

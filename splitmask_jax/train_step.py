@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
+from typing import Callable
 
 import flax
 import jax
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from splitmask_jax import sharding
+from splitmask_jax.runtime import sharding
 
 # `(params, state, batch, rng, *, train) -> (loss, metrics)`: the state supplies
 # what the loss reads besides the parameters (the pre-training codebook).
@@ -24,14 +25,21 @@ class TrainState:
   The codebook is not trained; it lives here so that a resumed or evaluated
   run tokenizes with exactly the codebook the run was trained with.
   """
+
   step: jax.Array  # int32 []
   params: Any
   opt_state: Any
   codebook: jax.Array  # float32 [V, d]
 
 
-def init_train_state(model, optimizer: optax.GradientTransformation, codebook: jax.Array,
-                     example_inputs: tuple, rng: jax.Array, mesh: Mesh) -> TrainState:
+def init_train_state(
+  model,
+  optimizer: optax.GradientTransformation,
+  codebook: jax.Array,
+  example_inputs: tuple,
+  rng: jax.Array,
+  mesh: Mesh,
+) -> TrainState:
   """Initialises the state directly into its sharding (see `state_shardings`).
 
   No device ever holds more than its shard: the initialisation itself is
@@ -42,10 +50,15 @@ def init_train_state(model, optimizer: optax.GradientTransformation, codebook: j
     example_inputs: positional model inputs with a batch of one, used for shapes only.
     rng: the parameter-init key.
   """
+
   def init(rng, codebook):
     params = model.init({"params": rng, "dropout": rng}, *example_inputs, train=False)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params), codebook=codebook)
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=optimizer.init(params),
+      codebook=codebook,
+    )
 
   abstract = jax.eval_shape(init, rng, codebook)
   return jax.jit(init, out_shardings=state_shardings(abstract, mesh))(rng, codebook)
@@ -56,8 +69,14 @@ def state_shardings(state, mesh: Mesh):
   return sharding.fsdp_shardings(state, mesh)
 
 
-def make_train_step(loss_fn: StepLossFn, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, seed: int, mesh: Mesh, state):
+def make_train_step(
+  loss_fn: StepLossFn,
+  optimizer: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  seed: int,
+  mesh: Mesh,
+  state,
+):
   """Returns the jitted `(state, batch) -> (state, metrics)`.
 
   `state` is a TrainState or any flax dataclass with `step`, `params` and
@@ -83,17 +102,23 @@ def make_train_step(loss_fn: StepLossFn, optimizer: optax.GradientTransformation
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-  return jax.jit(step, in_shardings=(shardings, sharding.batch_sharded(mesh)),
-                 out_shardings=(shardings, sharding.replicated(mesh)),
-                 donate_argnums=0)
+  return jax.jit(
+    step,
+    in_shardings=(shardings, sharding.batch_sharded(mesh)),
+    out_shardings=(shardings, sharding.replicated(mesh)),
+    donate_argnums=0,
+  )
 
 
 def make_eval_step(loss_fn: StepLossFn, mesh: Mesh, state: TrainState):
   """Returns the jitted `(state, batch) -> metrics` (no dropout, no update)."""
+
   def step(state: TrainState, batch):
     _, metrics = loss_fn(state.params, state, batch, jax.random.PRNGKey(0), train=False)
     return metrics
 
-  return jax.jit(step, in_shardings=(state_shardings(state, mesh),
-                                     sharding.batch_sharded(mesh)),
-                 out_shardings=sharding.replicated(mesh))
+  return jax.jit(
+    step,
+    in_shardings=(state_shardings(state, mesh), sharding.batch_sharded(mesh)),
+    out_shardings=sharding.replicated(mesh),
+  )

@@ -20,18 +20,20 @@ Atoms are resized (nearest) from the tokenizer's patch to the ViT patch.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from matplotlib.figure import Figure
 
-from splitmask_jax import checkpointing
-from splitmask_jax import input_pipeline
 from splitmask_jax import objectives
-from splitmask_jax import sharding
 from splitmask_jax import tokenizers
+from splitmask_jax.data import input_pipeline
+from splitmask_jax.runtime import checkpointing
+from splitmask_jax.runtime import sharding
 
 # The uint8 value of hidden patches: mid-grey, apart from both the black
 # background and the bright objects of Fashion-MNIST.
@@ -50,8 +52,9 @@ def to_uint8(pixels: jax.Array) -> jax.Array:
 def _patch_side(images, grid) -> int:
   height, width = images.shape[1:3]
   if height % grid[0] or width % grid[1] or height // grid[0] != width // grid[1]:
-    raise ValueError(f"images of {height}x{width} pixels do not split into the {grid} "
-                     "grid of square patches")
+    raise ValueError(
+      f"images of {height}x{width} pixels do not split into the {grid} grid of square patches"
+    )
   return height // grid[0]
 
 
@@ -75,8 +78,7 @@ def indices_to_mask(indices: jax.Array, num_patches: int) -> jax.Array:
   return jnp.zeros((indices.shape[0], num_patches), bool).at[rows, indices].set(True)
 
 
-def hide_patches(images: jax.Array, visible: jax.Array, grid, fill: int = HIDDEN
-                ) -> jax.Array:
+def hide_patches(images: jax.Array, visible: jax.Array, grid, fill: int = HIDDEN) -> jax.Array:
   """What a branch sees: the `visible` patches, the others a flat `fill`.
 
   Args:
@@ -91,8 +93,9 @@ def hide_patches(images: jax.Array, visible: jax.Array, grid, fill: int = HIDDEN
   return jnp.where(mask, jnp.asarray(images, jnp.uint8), jnp.uint8(fill))
 
 
-def render_atoms(atoms: jax.Array, *, token_patch: int, channels: int,
-                 patch_size: int | None = None) -> jax.Array:
+def render_atoms(
+  atoms: jax.Array, *, token_patch: int, channels: int, patch_size: int | None = None
+) -> jax.Array:
   """Pictures of codebook atoms: sqrt(d) * atom, clipped (see the module docstring).
 
   Args:
@@ -106,8 +109,9 @@ def render_atoms(atoms: jax.Array, *, token_patch: int, channels: int,
   atoms = jnp.asarray(atoms, jnp.float32)
   dim = tokenizers.codebook_dim(token_patch, channels)
   if atoms.shape[-1] != dim:
-    raise ValueError(f"atoms must end in d = token_patch**2 * channels = {dim}, got shape "
-                     f"{atoms.shape}")
+    raise ValueError(
+      f"atoms must end in d = token_patch**2 * channels = {dim}, got shape {atoms.shape}"
+    )
   lead = atoms.shape[:-1]
   pixels = (atoms * math.sqrt(dim)).reshape(-1, token_patch, token_patch, channels)
   side = patch_size or token_patch
@@ -116,17 +120,24 @@ def render_atoms(atoms: jax.Array, *, token_patch: int, channels: int,
   return to_uint8(pixels).reshape(*lead, side, side, channels)
 
 
-def image_tokens(images: jax.Array, codebook: jax.Array, *, grid,
-                 token_patch: int) -> jax.Array:
+def image_tokens(images: jax.Array, codebook: jax.Array, *, grid, token_patch: int) -> jax.Array:
   """The visual words of uint8 images [B, H, W, C]: int32 [B, gh * gw], as the
   pre-training objectives compute them."""
-  patches = tokenizers.tokenizer_patches(objectives.images_to_float(jnp.asarray(images)),
-                                         grid, token_patch)
+  patches = tokenizers.tokenizer_patches(
+    objectives.images_to_float(jnp.asarray(images)), grid, token_patch
+  )
   return tokenizers.tokenize(patches, codebook)
 
 
-def paint_tokens(images: jax.Array, tokens: jax.Array, where: jax.Array, codebook: jax.Array,
-                 *, grid, token_patch: int) -> jax.Array:
+def paint_tokens(
+  images: jax.Array,
+  tokens: jax.Array,
+  where: jax.Array,
+  codebook: jax.Array,
+  *,
+  grid,
+  token_patch: int,
+) -> jax.Array:
   """`images` with the patches at `where` replaced by the pictures of their `tokens`.
 
   Args:
@@ -140,18 +151,24 @@ def paint_tokens(images: jax.Array, tokens: jax.Array, where: jax.Array, codeboo
   """
   images = jnp.asarray(images, jnp.uint8)
   patch = _patch_side(images, grid)
-  tiles = render_atoms(jnp.asarray(codebook)[tokens], token_patch=token_patch,
-                       channels=images.shape[-1], patch_size=patch)
-  return jnp.where(_pixel_mask(jnp.asarray(where, bool), grid, patch),
-                   _assemble(tiles, grid), images)
+  tiles = render_atoms(
+    jnp.asarray(codebook)[tokens],
+    token_patch=token_patch,
+    channels=images.shape[-1],
+    patch_size=patch,
+  )
+  return jnp.where(
+    _pixel_mask(jnp.asarray(where, bool), grid, patch), _assemble(tiles, grid), images
+  )
 
 
 def token_map(images: jax.Array, codebook: jax.Array, *, grid, token_patch: int) -> jax.Array:
   """Every patch of uint8 images [B, H, W, C] replaced by the picture of its visual
   word; uint8 [B, H, W, C]."""
   tokens = image_tokens(images, codebook, grid=grid, token_patch=token_patch)
-  return paint_tokens(images, tokens, jnp.ones(tokens.shape, bool), codebook, grid=grid,
-                      token_patch=token_patch)
+  return paint_tokens(
+    images, tokens, jnp.ones(tokens.shape, bool), codebook, grid=grid, token_patch=token_patch
+  )
 
 
 def _predicted(images, tokens, masked, codebook, grid, token_patch):
@@ -159,12 +176,14 @@ def _predicted(images, tokens, masked, codebook, grid, token_patch):
   num_patches = grid[0] * grid[1]
   rows = jnp.arange(masked.shape[0])[:, None]
   full = jnp.zeros((masked.shape[0], num_patches), jnp.int32).at[rows, masked].set(tokens)
-  return paint_tokens(images, full, indices_to_mask(masked, num_patches), codebook, grid=grid,
-                      token_patch=token_patch)
+  return paint_tokens(
+    images, full, indices_to_mask(masked, num_patches), codebook, grid=grid, token_patch=token_patch
+  )
 
 
-def reconstructions(model, variables, codebook: jax.Array, batch: Mapping[str, jax.Array], *,
-                    grid, token_patch: int) -> dict[str, jax.Array]:
+def reconstructions(
+  model, variables, codebook: jax.Array, batch: Mapping[str, jax.Array], *, grid, token_patch: int
+) -> dict[str, jax.Array]:
   """What the model sees and predicts for a batch, as columns of pictures.
 
   The predictions are the argmax visual words of the model in evaluation mode
@@ -190,20 +209,29 @@ def reconstructions(model, variables, codebook: jax.Array, batch: Mapping[str, j
   common = dict(codebook=codebook, grid=grid, token_patch=token_patch)
   columns = {"original": images}
   if "visible_a" in batch:
-    out = model.apply(variables, x, batch["visible_a"], batch["visible_b"], batch["masked_a"],
-                      batch["masked_b"], train=False)
+    out = model.apply(
+      variables,
+      x,
+      batch["visible_a"],
+      batch["visible_b"],
+      batch["masked_a"],
+      batch["masked_b"],
+      train=False,
+    )
     for branch in ("a", "b"):
       name = branch.upper()
       columns[f"{name} sees"] = hide_patches(
-          images, indices_to_mask(batch[f"visible_{branch}"], num_patches), grid)
+        images, indices_to_mask(batch[f"visible_{branch}"], num_patches), grid
+      )
       columns[f"{name} predicts"] = _predicted(
-          images, jnp.argmax(out[f"logits_{branch}"], axis=-1), batch[f"masked_{branch}"],
-          **common)
+        images, jnp.argmax(out[f"logits_{branch}"], axis=-1), batch[f"masked_{branch}"], **common
+      )
   else:
     out = model.apply(variables, x, batch["mask"], batch["masked"], train=False)
     columns["BEiT sees"] = hide_patches(images, ~jnp.asarray(batch["mask"], bool), grid)
-    columns["BEiT predicts"] = _predicted(images, jnp.argmax(out["logits"], axis=-1),
-                                          batch["masked"], **common)
+    columns["BEiT predicts"] = _predicted(
+      images, jnp.argmax(out["logits"], axis=-1), batch["masked"], **common
+    )
   columns["tokens"] = token_map(images, **common)
   return columns
 
@@ -218,14 +246,14 @@ def montage(tiles: jax.Array, columns: int, *, gap: int = 2, fill: int = 255) ->
   tiles = jnp.asarray(tiles, jnp.uint8)
   k, h, w, c = tiles.shape
   rows = -(-k // columns)
-  tiles = jnp.pad(tiles, ((0, rows * columns - k), (0, gap), (0, gap), (0, 0)),
-                  constant_values=fill)
+  tiles = jnp.pad(
+    tiles, ((0, rows * columns - k), (0, gap), (0, gap), (0, 0)), constant_values=fill
+  )
   grid = tiles.reshape(rows, columns, h + gap, w + gap, c).transpose(0, 2, 1, 3, 4)
-  return grid.reshape(rows * (h + gap), columns * (w + gap), c)[:-gap or None, :-gap or None]
+  return grid.reshape(rows * (h + gap), columns * (w + gap), c)[: -gap or None, : -gap or None]
 
 
-def summary_strips(columns: Mapping[str, jax.Array], min_side: int = SUMMARY_MIN_SIDE
-                  ) -> jax.Array:
+def summary_strips(columns: Mapping[str, jax.Array], min_side: int = SUMMARY_MIN_SIDE) -> jax.Array:
   """One strip per example: its pictures side by side, enlarged to `min_side` pixels.
 
   Args:
@@ -240,9 +268,14 @@ def summary_strips(columns: Mapping[str, jax.Array], min_side: int = SUMMARY_MIN
   return jax.vmap(lambda tiles: montage(tiles, tiles.shape[0]))(stacked)
 
 
-def summary_batch(source: Sequence[Mapping], *, num_images: int, image_size: int,
-                  mask_fn: input_pipeline.MaskFn | None = None, seed: int = 0
-                  ) -> dict[str, np.ndarray]:
+def summary_batch(
+  source: Sequence[Mapping],
+  *,
+  num_images: int,
+  image_size: int,
+  mask_fn: input_pipeline.MaskFn | None = None,
+  seed: int = 0,
+) -> dict[str, np.ndarray]:
   """The first `num_images` records of `source` as one evaluation batch, on the host.
 
   The images are resized without augmentation and the masks drawn as
@@ -254,15 +287,22 @@ def summary_batch(source: Sequence[Mapping], *, num_images: int, image_size: int
     and the masks of `mask_fn` (none when it is None).
   """
   num = min(num_images, len(source))
-  data = input_pipeline.eval_dataset(source, batch_size=num, image_size=image_size,
-                                     mask_fn=mask_fn, seed=seed, num_examples=num,
-                                     with_labels=False)
+  data = input_pipeline.eval_dataset(
+    source,
+    batch_size=num,
+    image_size=image_size,
+    mask_fn=mask_fn,
+    seed=seed,
+    num_examples=num,
+    with_labels=False,
+  )
   batch = next(iter(data))
   return {k: v for k, v in batch.items() if k != "valid"}
 
 
-def make_summary_fn(config, model, source: Sequence[Mapping], mask_fn: input_pipeline.MaskFn,
-                    mesh) -> Callable[[object], dict[str, np.ndarray]] | None:
+def make_summary_fn(
+  config, model, source: Sequence[Mapping], mask_fn: input_pipeline.MaskFn, mesh
+) -> Callable[[object], dict[str, np.ndarray]] | None:
   """The image summaries of a pre-training run's evaluations, or None when off.
 
   The first `config.summary_images` records of `source` (the validation split)
@@ -276,15 +316,19 @@ def make_summary_fn(config, model, source: Sequence[Mapping], mask_fn: input_pip
   """
   if not config.summary_images:
     return None
-  batch = summary_batch(source, num_images=config.summary_images,
-                        image_size=config.model.image_size, mask_fn=mask_fn, seed=config.seed)
+  batch = summary_batch(
+    source,
+    num_images=config.summary_images,
+    image_size=config.model.image_size,
+    mask_fn=mask_fn,
+    seed=config.seed,
+  )
   grid = model.grid
   token_patch = config.tokenizer.patch_size
 
   def strips(variables, codebook):
     # The few images and masks are constants of the compiled function.
-    columns = reconstructions(model, variables, codebook, batch, grid=grid,
-                              token_patch=token_patch)
+    columns = reconstructions(model, variables, codebook, batch, grid=grid, token_patch=token_patch)
     return {f"{SUMMARY_TAG}/{', '.join(columns)}": summary_strips(columns)}
 
   compiled = jax.jit(strips, out_shardings=sharding.replicated(mesh))
@@ -310,22 +354,32 @@ def image_table(columns: Mapping[str, np.ndarray], *, tile_inches: float = 1.3) 
   """
   arrays = [np.asarray(v) for v in columns.values()]
   num_rows, num_cols = arrays[0].shape[0], len(arrays)
-  figure = Figure(figsize=(tile_inches * num_cols, tile_inches * num_rows + 0.3),
-                  layout="constrained")
+  figure = Figure(
+    figsize=(tile_inches * num_cols, tile_inches * num_rows + 0.3), layout="constrained"
+  )
   axes = figure.subplots(num_rows, num_cols, squeeze=False)
   for j, (title, images) in enumerate(zip(columns, arrays)):
     axes[0, j].set_title(title, fontsize=9)
     for i in range(num_rows):
       image = images[i]
-      axes[i, j].imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray",
-                        vmin=0, vmax=255, interpolation="nearest")
+      axes[i, j].imshow(
+        image[..., 0] if image.shape[-1] == 1 else image,
+        cmap="gray",
+        vmin=0,
+        vmax=255,
+        interpolation="nearest",
+      )
       axes[i, j].set_xticks([])
       axes[i, j].set_yticks([])
   return figure
 
 
-def metric_curves(runs: Mapping[str, Sequence[Mapping]], panels: Mapping[str, Sequence[str]],
-                  *, title: str | None = None) -> Figure:
+def metric_curves(
+  runs: Mapping[str, Sequence[Mapping]],
+  panels: Mapping[str, Sequence[str]],
+  *,
+  title: str | None = None,
+) -> Figure:
   """Line plots of runs' `metric_log.read_metrics` records against the step.
 
   Args:
@@ -342,12 +396,15 @@ def metric_curves(runs: Mapping[str, Sequence[Mapping]], panels: Mapping[str, Se
   for ax, (panel, names) in zip(axes, panels.items()):
     for label, records in runs.items():
       for name in names:
-        points = [(r["step"], r[name]) for r in records
-                  if isinstance(r.get(name), (int, float))]
+        points = [(r["step"], r[name]) for r in records if isinstance(r.get(name), (int, float))]
         if points:
           steps, values = zip(*points)
-          ax.plot(steps, values, marker="o" if len(points) < 20 else None,
-                  label=f"{label}: {name}" if label else name)
+          ax.plot(
+            steps,
+            values,
+            marker="o" if len(points) < 20 else None,
+            label=f"{label}: {name}" if label else name,
+          )
     ax.set_title(panel)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)

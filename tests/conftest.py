@@ -12,14 +12,16 @@ import struct
 import numpy as np
 import pytest
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def _write_idx(path, array):
   header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(
-      f">{array.ndim}I", *array.shape)
+    f">{array.ndim}I", *array.shape
+  )
   with gzip.open(path, "wb") as f:
     f.write(header + array.astype(np.uint8).tobytes())
 
@@ -28,7 +30,7 @@ def _class_images(rng, labels):
   """28x28 images whose class decides a bright horizontal band's position."""
   images = rng.integers(0, 60, size=(len(labels), 28, 28), dtype=np.uint8)
   for image, label in zip(images, labels):
-    image[2 + 2 * label: 6 + 2 * label, 4:24] = 230
+    image[2 + 2 * label : 6 + 2 * label, 4:24] = 230
   return images
 
 

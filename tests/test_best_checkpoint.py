@@ -4,8 +4,8 @@ for fine-tuning."""
 import numpy as np
 import pytest
 
-from splitmask_jax import checkpointing
 from splitmask_jax import config_base
+from splitmask_jax.runtime import checkpointing
 
 
 def _state(value):
@@ -25,8 +25,7 @@ def test_keeps_the_lowest_finite_value_across_restarts(tmp_path):
   assert again.best() == (20, 2.0)
   assert again.offer(60, _state(60), 1.5)
   again.close()
-  kept = sorted(p.name for p in (tmp_path / checkpointing.BEST_DIR).iterdir()
-                if p.name.isdigit())
+  kept = sorted(p.name for p in (tmp_path / checkpointing.BEST_DIR).iterdir() if p.name.isdigit())
   assert kept == ["60"]
   params, step = checkpointing.load_params(str(tmp_path), best=True)
   assert step == 60

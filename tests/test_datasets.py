@@ -1,4 +1,4 @@
-"""Tests of splitmask_jax.datasets: offline Fashion-MNIST preparation and loading."""
+"""Tests of splitmask_jax.data.datasets: offline Fashion-MNIST preparation and loading."""
 
 import gzip
 import os
@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.image_classification import mnist
 
-from splitmask_jax import datasets
+from splitmask_jax.data import datasets
 
 NUM_TRAIN, NUM_TEST = 40, 20
 
@@ -62,8 +62,7 @@ def test_prepared_records_are_the_files_records(prepared):
       assert image.shape == (28, 28, 1) and image.dtype == np.uint8
     # Each record is one file example with its own label, each example once.
     got = sorted((image.tobytes(), label) for image, label in records)
-    want = sorted((image[..., None].tobytes(), int(label))
-                  for image, label in zip(images, labels))
+    want = sorted((image[..., None].tobytes(), int(label)) for image, label in zip(images, labels))
     assert got == want
 
 
@@ -75,8 +74,7 @@ class _TfdsFashionMNIST(mnist.FashionMNIST, skip_registration=True):
   code_path = None
 
 
-def test_same_records_in_same_order_as_tfds_own_builder(prepared, tmp_path,
-                                                        monkeypatch):
+def test_same_records_in_same_order_as_tfds_own_builder(prepared, tmp_path, monkeypatch):
   """TFDS's own builder, fed the same files, writes the same records in order."""
   data, manual_dir, data_dir = prepared
 
@@ -90,18 +88,18 @@ def test_same_records_in_same_order_as_tfds_own_builder(prepared, tmp_path,
         paths[key].write_bytes(f.read())
     return paths
 
-  monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract",
-                      local_files)
+  monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", local_files)
   monkeypatch.setattr(mnist, "_TRAIN_EXAMPLES", NUM_TRAIN)
   monkeypatch.setattr(mnist, "_TEST_EXAMPLES", NUM_TEST)
   reference_dir = str(tmp_path / "reference")
   _TfdsFashionMNIST(data_dir=reference_dir).download_and_prepare(
-      file_format="array_record",
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    file_format="array_record", download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+  )
   for split in data:
     ours = _records(datasets.load_source("fashion_mnist", split, data_dir))
-    theirs = _records(tfds.data_source("fashion_mnist", split=split,
-                                       data_dir=reference_dir, download=False))
+    theirs = _records(
+      tfds.data_source("fashion_mnist", split=split, data_dir=reference_dir, download=False)
+    )
     assert len(ours) == len(theirs)
     for (image, label), (ref_image, ref_label) in zip(ours, theirs):
       np.testing.assert_array_equal(image, ref_image)
@@ -121,8 +119,7 @@ def test_dataset_info(prepared):
 def test_second_call_does_not_rebuild(prepared, monkeypatch):
   _, manual_dir, data_dir = prepared
   version_dir = os.path.join(data_dir, "fashion_mnist", "3.0.1")
-  before = {f: os.stat(os.path.join(version_dir, f)).st_mtime_ns
-            for f in os.listdir(version_dir)}
+  before = {f: os.stat(os.path.join(version_dir, f)).st_mtime_ns for f in os.listdir(version_dir)}
 
   def fail(*args, **kwargs):
     raise AssertionError("the dataset was prepared again")
@@ -131,8 +128,7 @@ def test_second_call_does_not_rebuild(prepared, monkeypatch):
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", fail)
   datasets.prepare_dataset("fashion_mnist", data_dir, manual_dir)
   datasets.prepare_dataset("fashion_mnist", data_dir, "/no/such/folder")
-  after = {f: os.stat(os.path.join(version_dir, f)).st_mtime_ns
-           for f in os.listdir(version_dir)}
+  after = {f: os.stat(os.path.join(version_dir, f)).st_mtime_ns for f in os.listdir(version_dir)}
   assert after == before
 
 
@@ -145,8 +141,7 @@ def _assert_explains_how_to_get_fashion_mnist(message):
 def test_missing_folder_raises_clear_error(tmp_path):
   data_dir = str(tmp_path / "data")
   with pytest.raises(datasets.DatasetNotPreparedError) as info:
-    datasets.prepare_dataset("fashion_mnist", data_dir,
-                             str(tmp_path / "missing"), download=False)
+    datasets.prepare_dataset("fashion_mnist", data_dir, str(tmp_path / "missing"), download=False)
   assert isinstance(info.value, FileNotFoundError)
   _assert_explains_how_to_get_fashion_mnist(str(info.value))
   assert str(tmp_path / "missing") in str(info.value)
@@ -165,8 +160,7 @@ def test_offline_download_fails_fast_with_clear_error(tmp_path, monkeypatch):
   monkeypatch.setattr(socket, "getaddrinfo", no_network)
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", fail)
   with pytest.raises(datasets.DatasetNotPreparedError) as info:
-    datasets.prepare_dataset("fashion_mnist", str(tmp_path / "data"),
-                             str(tmp_path / "missing"))
+    datasets.prepare_dataset("fashion_mnist", str(tmp_path / "data"), str(tmp_path / "missing"))
   _assert_explains_how_to_get_fashion_mnist(str(info.value))
   assert "cannot be resolved" in str(info.value)
 
@@ -180,8 +174,7 @@ def test_failed_download_is_reported_with_its_cause(tmp_path, monkeypatch):
   monkeypatch.setattr(datasets, "_resolves", lambda host: True)
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", refuse)
   with pytest.raises(datasets.DatasetNotPreparedError) as info:
-    datasets.prepare_dataset("fashion_mnist", str(tmp_path / "data"),
-                             str(tmp_path / "missing"))
+    datasets.prepare_dataset("fashion_mnist", str(tmp_path / "data"), str(tmp_path / "missing"))
   assert info.value.__cause__ is cause
   assert "connection refused" in str(info.value)
   _assert_explains_how_to_get_fashion_mnist(str(info.value))
@@ -189,13 +182,14 @@ def test_failed_download_is_reported_with_its_cause(tmp_path, monkeypatch):
 
 def test_other_dataset_not_prepared_says_how_to_build(tmp_path):
   data_dir = str(tmp_path / "data")
-  for call in (lambda: datasets.prepare_dataset("mnist", data_dir),
-               lambda: datasets.load_source("mnist", "train", data_dir),
-               lambda: datasets.dataset_info("mnist", data_dir)):
+  for call in (
+    lambda: datasets.prepare_dataset("mnist", data_dir),
+    lambda: datasets.load_source("mnist", "train", data_dir),
+    lambda: datasets.dataset_info("mnist", data_dir),
+  ):
     with pytest.raises(datasets.DatasetNotPreparedError) as info:
       call()
-    assert (f"python -m splitmask_jax.datasets --dataset=mnist --data_dir={data_dir}"
-            in str(info.value))
+    assert f"python -m splitmask_jax.data --dataset=mnist --data_dir={data_dir}" in str(info.value)
   assert not os.path.exists(os.path.join(data_dir, "mnist"))
 
 
@@ -218,19 +212,25 @@ def _corrupt(folder, kind):
     _write_idx(labels_file, np.zeros(NUM_TRAIN + 1, np.uint8))
   elif kind == "truncated":
     with gzip.open(images_file, "wb") as f:
-      f.write(bytes([0, 0, 8, 3]) + np.asarray([NUM_TRAIN, 28, 28], ">u4").tobytes()
-              + images.tobytes()[:-5])
+      f.write(
+        bytes([0, 0, 8, 3])
+        + np.asarray([NUM_TRAIN, 28, 28], ">u4").tobytes()
+        + images.tobytes()[:-5]
+      )
   elif kind == "label":
     _write_idx(labels_file, np.full(NUM_TRAIN, 10, np.uint8))
 
 
-@pytest.mark.parametrize("kind, pattern", [
+@pytest.mark.parametrize(
+  "kind, pattern",
+  [
     ("magic", "magic number 0x00000801, expected 0x00000803"),
     ("image_size", "28x27, expected 28x28"),
     ("count", "40 images, 41 labels"),
     ("truncated", "holds 31355 bytes"),
     ("label", "label 10"),
-])
+  ],
+)
 def test_corrupt_idx_raises_clear_error(tmp_path, kind, pattern):
   folder = str(tmp_path)
   _fake_fashion_mnist(folder)
@@ -257,10 +257,12 @@ def test_read_split_rejects_unknown_split(tmp_path):
 def test_tfrecord_preparation_is_rejected_with_conversion_hint(tmp_path):
   manual_dir, data_dir = str(tmp_path / "idx"), str(tmp_path / "data")
   _fake_fashion_mnist(manual_dir)
-  datasets._LocalFashionMNIST(source_dir=manual_dir, data_dir=data_dir
-                             ).download_and_prepare(file_format="tfrecord")
-  with pytest.raises(datasets.DatasetNotPreparedError,
-                     match="convert_format .*--out_file_format=array_record"):
+  datasets._LocalFashionMNIST(source_dir=manual_dir, data_dir=data_dir).download_and_prepare(
+    file_format="tfrecord"
+  )
+  with pytest.raises(
+    datasets.DatasetNotPreparedError, match="convert_format .*--out_file_format=array_record"
+  ):
     datasets.prepare_dataset("fashion_mnist", data_dir, manual_dir)
   with pytest.raises(datasets.DatasetNotPreparedError, match="ArrayRecord"):
     datasets.load_source("fashion_mnist", "train", data_dir)
@@ -279,9 +281,15 @@ class _ManualDownload(tfds.core.GeneratorBasedBuilder):
   code_path = None  # nothing downloaded, no checksums to look up (see datasets.py)
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(8, 8, 1)),
-        "label": tfds.features.ClassLabel(num_classes=2)}))
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(8, 8, 1)),
+          "label": tfds.features.ClassLabel(num_classes=2),
+        }
+      ),
+    )
 
   def _split_generators(self, dl_manager):
     return {"train": self._generate_examples(dl_manager.manual_dir / "data.npz")}
@@ -296,13 +304,16 @@ def test_manual_dataset_is_prepared_from_manual_dir(tmp_path):
   data_dir, manual_dir = str(tmp_path / "data"), tmp_path / "manual"
   with pytest.raises(datasets.DatasetNotPreparedError) as info:
     datasets.prepare_dataset(MANUAL_DATASET, data_dir)
-  assert (f"python -m splitmask_jax.datasets --dataset={MANUAL_DATASET} --data_dir={data_dir} "
-          "--manual_dir=FOLDER") in str(info.value)
+  assert (
+    f"python -m splitmask_jax.data --dataset={MANUAL_DATASET} --data_dir={data_dir} "
+    "--manual_dir=FOLDER"
+  ) in str(info.value)
   assert "set --config.data.manual_dir=FOLDER" in str(info.value)
   assert "Put data.npz in the manual folder." in str(info.value)
   manual_dir.mkdir()
-  with pytest.raises(datasets.DatasetNotPreparedError,
-                     match=f"--config.data.manual_dir={manual_dir} is empty"):
+  with pytest.raises(
+    datasets.DatasetNotPreparedError, match=f"--config.data.manual_dir={manual_dir} is empty"
+  ):
     datasets.prepare_dataset(MANUAL_DATASET, data_dir, str(manual_dir))
   assert not os.path.exists(os.path.join(data_dir, MANUAL_DATASET))
 
@@ -311,10 +322,10 @@ def test_manual_dataset_is_prepared_from_manual_dir(tmp_path):
   labels = np.arange(6) % 2
   np.savez(manual_dir / "data.npz", images=images, labels=labels)
   # The command the message gives.
-  datasets.main([f"--dataset={MANUAL_DATASET}", f"--data_dir={data_dir}",
-                 f"--manual_dir={manual_dir}"])
+  datasets.main(
+    [f"--dataset={MANUAL_DATASET}", f"--data_dir={data_dir}", f"--manual_dir={manual_dir}"]
+  )
   source = datasets.load_source(MANUAL_DATASET, "train", data_dir)
-  got = sorted((source[i]["image"].tobytes(), int(source[i]["label"]))
-               for i in range(len(source)))
+  got = sorted((source[i]["image"].tobytes(), int(source[i]["label"])) for i in range(len(source)))
   assert got == sorted((image.tobytes(), int(label)) for image, label in zip(images, labels))
   assert datasets.dataset_info(MANUAL_DATASET, data_dir).num_examples == {"train": 6}

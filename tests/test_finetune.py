@@ -11,18 +11,21 @@ import optax
 import pytest
 from PIL import Image
 
-from splitmask_jax import checkpointing
 from splitmask_jax import config_base
 from splitmask_jax import finetune
-from splitmask_jax import input_pipeline
-from splitmask_jax import metric_log
 from splitmask_jax import optim
 from splitmask_jax import probe
-from splitmask_jax import subsets
 from splitmask_jax import train
+from splitmask_jax.data import input_pipeline
+from splitmask_jax.data import subsets
 from splitmask_jax.models import pretrain
 from splitmask_jax.models import vit
-from helpers import FINETUNE_CONFIG_FILE, ROOT, load_config
+from splitmask_jax.runtime import checkpointing
+from splitmask_jax.runtime import metric_log
+
+from helpers import FINETUNE_CONFIG_FILE
+from helpers import ROOT
+from helpers import load_config
 
 
 def _finetune_config(arg, fake_dir, data_dir, **overrides):
@@ -47,26 +50,31 @@ def pretrained_run(fake_fashion_mnist, tmp_path_factory):
 
 # --- layer-wise learning-rate decay -------------------------------------------------
 
+
 def test_layer_decay_multipliers_match_hand_table():
   arch, patch = vit.parse_variant("Test/8")
   model = finetune.build_classifier(load_config("test", FINETUNE_CONFIG_FILE), 10)
-  shapes = jax.eval_shape(lambda k: model.init({"params": k}, jnp.zeros((1, 32, 32, 1)),
-                                               train=False), jax.random.PRNGKey(0))
+  shapes = jax.eval_shape(
+    lambda k: model.init({"params": k}, jnp.zeros((1, 32, 32, 1)), train=False),
+    jax.random.PRNGKey(0),
+  )
   multipliers = optim.layer_decay_multipliers(shapes, arch["depth"], 0.5)
-  flat = {"/".join(k.key for k in path): value
-          for path, value in jax.tree_util.tree_flatten_with_path(multipliers)[0]}
+  flat = {
+    "/".join(k.key for k in path): value
+    for path, value in jax.tree_util.tree_flatten_with_path(multipliers)[0]
+  }
   # depth 2, decay 0.5: layer 0 (embeddings) 0.5^3, block i 0.5^(2-i), top 1.
   expected = {
-      "params/encoder/embedding/kernel": 0.125,
-      "params/encoder/embedding/bias": 0.125,
-      "params/encoder/pos_embedding": 0.125,
-      "params/encoder/block_0/attn/qkv/kernel": 0.25,
-      "params/encoder/block_0/norm1/scale": 0.25,
-      "params/encoder/block_1/attn/q_bias": 0.5,
-      "params/encoder/block_1/fc2/bias": 0.5,
-      "params/encoder/norm/scale": 1.0,
-      "params/head/kernel": 1.0,
-      "params/head/bias": 1.0,
+    "params/encoder/embedding/kernel": 0.125,
+    "params/encoder/embedding/bias": 0.125,
+    "params/encoder/pos_embedding": 0.125,
+    "params/encoder/block_0/attn/qkv/kernel": 0.25,
+    "params/encoder/block_0/norm1/scale": 0.25,
+    "params/encoder/block_1/attn/q_bias": 0.5,
+    "params/encoder/block_1/fc2/bias": 0.5,
+    "params/encoder/norm/scale": 1.0,
+    "params/head/kernel": 1.0,
+    "params/head/bias": 1.0,
   }
   for name, value in expected.items():
     assert flat[name] == value, name
@@ -92,6 +100,7 @@ def test_layer_decay_scales_the_adamw_update():
 
 # --- loading a pre-trained encoder ----------------------------------------------------
 
+
 def _pretrain_variables(variant="Test/8", objective="splitmask"):
   arch, patch = vit.parse_variant(variant)
   common = dict(arch, patch_size=patch, grid=(4, 4), vocab_size=16)
@@ -110,8 +119,9 @@ def _pretrain_variables(variant="Test/8", objective="splitmask"):
 def test_loaded_encoder_is_bit_identical(objective):
   pretrained = _pretrain_variables(objective=objective)
   model = finetune.build_classifier(load_config("test", FINETUNE_CONFIG_FILE), 10)
-  variables = jax.device_get(model.init({"params": jax.random.PRNGKey(0)},
-                                        jnp.zeros((1, 32, 32, 1)), train=False))
+  variables = jax.device_get(
+    model.init({"params": jax.random.PRNGKey(0)}, jnp.zeros((1, 32, 32, 1)), train=False)
+  )
   loaded = finetune.load_pretrained_encoder(variables, pretrained)
   saved = pretrained["params"]["encoder"]
   for path, leaf in jax.tree_util.tree_flatten_with_path(loaded["params"]["encoder"])[0]:
@@ -120,17 +130,22 @@ def test_loaded_encoder_is_bit_identical(objective):
       source = source[key.key]
     assert leaf.dtype == source.dtype and np.array_equal(leaf, source), path
   assert "mask_token" not in loaded["params"]["encoder"]
-  np.testing.assert_array_equal(loaded["params"]["head"]["kernel"],
-                                variables["params"]["head"]["kernel"])
+  np.testing.assert_array_equal(
+    loaded["params"]["head"]["kernel"], variables["params"]["head"]["kernel"]
+  )
 
 
 def test_mismatched_encoder_is_rejected_with_the_shapes():
   pretrained = _pretrain_variables("Mini/8")
   model = finetune.build_classifier(load_config("test", FINETUNE_CONFIG_FILE), 10)
-  variables = jax.device_get(model.init({"params": jax.random.PRNGKey(0)},
-                                        jnp.zeros((1, 32, 32, 1)), train=False))
-  with pytest.raises(ValueError, match=r"in run_x does not fit this model \(83 parameters\): "
-                     r"block_0/attn/proj/bias: checkpoint \(128,\) vs model \(32,\)"):
+  variables = jax.device_get(
+    model.init({"params": jax.random.PRNGKey(0)}, jnp.zeros((1, 32, 32, 1)), train=False)
+  )
+  with pytest.raises(
+    ValueError,
+    match=r"in run_x does not fit this model \(83 parameters\): "
+    r"block_0/attn/proj/bias: checkpoint \(128,\) vs model \(32,\)",
+  ):
     finetune.load_pretrained_encoder(variables, pretrained, source="run_x")
   with pytest.raises(ValueError, match="holds no params/encoder"):
     finetune.load_pretrained_encoder(variables, {"params": {"backbone": {}}})
@@ -138,8 +153,12 @@ def test_mismatched_encoder_is_rejected_with_the_shapes():
 
 def test_init_run_with_another_model_fails_before_reading_data(pretrained_run, tmp_path):
   workdir, data_dir = pretrained_run
-  config = _finetune_config("test", "/nonexistent", tmp_path / "nothing",
-                            **{"init.workdir": str(workdir), "model.variant": "Mini/8"})
+  config = _finetune_config(
+    "test",
+    "/nonexistent",
+    tmp_path / "nothing",
+    **{"init.workdir": str(workdir), "model.variant": "Mini/8"},
+  )
   with pytest.raises(ValueError, match=r"config.model.variant='Mini/8' does not match"):
     finetune.finetune_and_evaluate(config, str(tmp_path / "ft"))
   config.model.variant = "Test/8"
@@ -160,6 +179,7 @@ def test_load_params_reads_a_real_checkpoint(pretrained_run):
 
 # --- data: subsets, repeated augmentation, test crop --------------------------------
 
+
 def test_class_balanced_subset_is_balanced_and_deterministic():
   labels = np.repeat(np.arange(5), [100, 50, 30, 13, 7])
   indices = subsets.class_balanced_indices(labels, 0.1, seed=1)
@@ -169,8 +189,7 @@ def test_class_balanced_subset_is_balanced_and_deterministic():
   np.testing.assert_array_equal(indices, subsets.class_balanced_indices(labels, 0.1, seed=1))
   assert not np.array_equal(indices, subsets.class_balanced_indices(labels, 0.1, seed=2))
   assert np.all(np.diff(indices) > 0)
-  np.testing.assert_array_equal(subsets.class_balanced_indices(labels, 1.0, seed=0),
-                                np.arange(200))
+  np.testing.assert_array_equal(subsets.class_balanced_indices(labels, 1.0, seed=0), np.arange(200))
   with pytest.raises(ValueError, match="fraction"):
     subsets.class_balanced_indices(labels, 0.0, seed=0)
 
@@ -181,8 +200,9 @@ def _records(n):
 
 def test_repeated_augmentation_keeps_epochs_and_repeats_records():
   source = _records(12)
-  ds = input_pipeline.finetune_dataset(source, batch_size=6, image_size=8,
-                                       crop_scale=(0.5, 1.0), repeats=3, seed=0)
+  ds = input_pipeline.finetune_dataset(
+    source, batch_size=6, image_size=8, crop_scale=(0.5, 1.0), repeats=3, seed=0
+  )
   batches = [b for _, b in zip(range(4), ds)]
   # Crops of a constant image are constant: the pixel value names the record.
   ids = np.concatenate([b["image"][:, 0, 0, 0] for b in batches]).astype(int)
@@ -198,20 +218,24 @@ def test_center_crop_matches_resize_then_crop():
   rng = np.random.default_rng(0)
   image = rng.integers(0, 255, (40, 40, 3), np.uint8)
   source = [{"image": image, "label": 0}]
-  batch = next(iter(input_pipeline.eval_dataset(source, batch_size=1, image_size=16,
-                                                center_crop=0.8)))
-  expected = np.asarray(Image.fromarray(image).resize(
-      (16, 16), Image.Resampling.BICUBIC, box=(4, 4, 36, 36)))
+  batch = next(
+    iter(input_pipeline.eval_dataset(source, batch_size=1, image_size=16, center_crop=0.8))
+  )
+  expected = np.asarray(
+    Image.fromarray(image).resize((16, 16), Image.Resampling.BICUBIC, box=(4, 4, 36, 36))
+  )
   np.testing.assert_array_equal(batch["image"][0], expected)
 
 
 def test_downstream_config_checks():
   config = load_config("test", FINETUNE_CONFIG_FILE)
   config_base.validate_config(config)
-  for key, value, message in (("optim.layer_decay", 0.0, "optim.layer_decay"),
-                              ("data.train_fraction", 1.5, "data.train_fraction"),
-                              ("augment.repeats", 0, "augment.repeats"),
-                              ("task", "pretrian", "config.task='pretrian'")):
+  for key, value, message in (
+    ("optim.layer_decay", 0.0, "optim.layer_decay"),
+    ("data.train_fraction", 1.5, "data.train_fraction"),
+    ("augment.repeats", 0, "augment.repeats"),
+    ("task", "pretrian", "config.task='pretrian'"),
+  ):
     bad = load_config("test", FINETUNE_CONFIG_FILE)
     bad.update_from_flattened_dict({key: value})
     with pytest.raises(ValueError, match=message):
@@ -224,13 +248,21 @@ def test_downstream_config_checks():
 
 # --- end to end ------------------------------------------------------------------------
 
+
 def test_finetune_from_pretrained_then_probe(pretrained_run, fake_fashion_mnist, tmp_path):
   workdir, data_dir = pretrained_run
   ft_dir = tmp_path / "ft"
-  cmd = [sys.executable, "-m", "splitmask_jax.main", f"--config={FINETUNE_CONFIG_FILE}:test",
-         f"--workdir={ft_dir}", f"--config.init.workdir={workdir}",
-         f"--config.data.manual_dir={fake_fashion_mnist}", f"--config.data.data_dir={data_dir}",
-         "--config.data.train_fraction=0.5"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "splitmask_jax.main",
+    f"--config={FINETUNE_CONFIG_FILE}:test",
+    f"--workdir={ft_dir}",
+    f"--config.init.workdir={workdir}",
+    f"--config.data.manual_dir={fake_fashion_mnist}",
+    f"--config.data.data_dir={data_dir}",
+    "--config.data.train_fraction=0.5",
+  ]
   result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-4000:]
   records = metric_log.read_metrics(str(ft_dir))
@@ -246,12 +278,15 @@ def test_finetune_from_pretrained_then_probe(pretrained_run, fake_fashion_mnist,
   start, _ = checkpointing.load_params(str(workdir))
   tuned, _ = checkpointing.load_params(str(ft_dir))
   assert tuned["params"]["head"]["kernel"].shape == (32, 10)
-  assert not np.array_equal(tuned["params"]["encoder"]["block_0"]["fc1"]["kernel"],
-                            start["params"]["encoder"]["block_0"]["fc1"]["kernel"])
+  assert not np.array_equal(
+    tuned["params"]["encoder"]["block_0"]["fc1"]["kernel"],
+    start["params"]["encoder"]["block_0"]["fc1"]["kernel"],
+  )
 
   probe_dir = tmp_path / "probe"
-  config = _finetune_config("probe,test", fake_fashion_mnist, data_dir,
-                            **{"init.workdir": str(workdir)})
+  config = _finetune_config(
+    "probe,test", fake_fashion_mnist, data_dir, **{"init.workdir": str(workdir)}
+  )
   values = probe.probe_blocks(config, str(probe_dir))
   for name in ("pretrained", "random_init"):
     for block in (1, 2):
@@ -259,4 +294,3 @@ def test_finetune_from_pretrained_then_probe(pretrained_run, fake_fashion_mnist,
   report = json.loads((probe_dir / "probe.json").read_text())
   assert json.dumps(report)  # numbers, not objects
   assert (probe_dir / "probe.md").exists() and (probe_dir / "probe.png").exists()
-

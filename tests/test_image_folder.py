@@ -16,26 +16,28 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from splitmask_jax import datasets
-from splitmask_jax import image_folder
 from splitmask_jax import main
-from splitmask_jax import metric_log
-from helpers import ROOT, load_config
+from splitmask_jax.data import datasets
+from splitmask_jax.data import image_folder
+from splitmask_jax.runtime import metric_log
+
+from helpers import ROOT
+from helpers import load_config
 
 RED, BLUE, WHITE, CYAN = (255, 0, 0), (0, 0, 255), (255, 255, 255), (0, 255, 255)
 # What the odd class folder turns into: the report's counts for 'train'.
 TRAIN_REPORT = {
-    "written": 14,
-    "skipped": {"not_an_image": 1, "too_small": 1, "undecodable": 3},
-    "converted": {"CMYK": 1, "F": 1, "I": 1, "I;16": 1, "L": 1, "P": 1, "RGBA": 1},
-    "downscaled": 1,
+  "written": 14,
+  "skipped": {"not_an_image": 1, "too_small": 1, "undecodable": 3},
+  "converted": {"CMYK": 1, "F": 1, "I": 1, "I;16": 1, "L": 1, "P": 1, "RGBA": 1},
+  "downscaled": 1,
 }
 
 
 def _halves(left, right, size=(40, 30)):
   """An RGB image whose left half is `left` and right half `right`."""
   image = np.zeros((size[1], size[0], 3), np.uint8)
-  image[:, :size[0] // 2], image[:, size[0] // 2:] = left, right
+  image[:, : size[0] // 2], image[:, size[0] // 2 :] = left, right
   return Image.fromarray(image)
 
 
@@ -56,20 +58,20 @@ def _write_odd_files(folder):
   rgba[:, 20:] = (0, 0, 255, 255)
   Image.fromarray(rgba).save(folder / "rgba.png")
   _halves(RED, BLUE).convert("P", palette=Image.Palette.ADAPTIVE, colors=4).save(
-      folder / "palette.gif")
+    folder / "palette.gif"
+  )
   grey16 = np.zeros((30, 40), np.uint16)
   grey16[:, :20], grey16[:, 20:] = 65535, 128 * 257  # 255 and 128 in 8 bits
   Image.fromarray(grey16).save(folder / "grey16.png")
   # 32-bit integers holding 16-bit values, and floats in [0, 1]: 255 and 128 too.
   Image.fromarray(grey16.astype(np.int32)).save(folder / "grey32.tif")
-  Image.fromarray(np.where(grey16 == 65535, 1.0, 0.5).astype(np.float32)).save(
-      folder / "float.tif")
+  Image.fromarray(np.where(grey16 == 65535, 1.0, 0.5).astype(np.float32)).save(folder / "float.tif")
   Image.new("RGB", (4, 4), RED).save(folder / "tiny.png")
   height_px = np.linspace(0, 255, 1800).astype(np.uint8)
   huge = np.broadcast_to(height_px[:, None, None], (1800, 2600, 3))
   Image.fromarray(np.ascontiguousarray(huge)).save(folder / "huge.jpg", quality=90)
   whole = _encoded(Image.new("RGB", (64, 64), BLUE), "JPEG")
-  (folder / "truncated.jpg").write_bytes(whole[:len(whole) // 2])
+  (folder / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
   (folder / "random.jpg").write_bytes(np.random.default_rng(0).bytes(1000))
   # A valid 1x1 PNG whose header claims 20000x20000 pixels: a decompression bomb.
   png = bytearray(_encoded(Image.new("L", (1, 1)), "PNG"))
@@ -113,24 +115,32 @@ def split_folders(tmp_path_factory):
 def test_is_image_folder():
   for value in ("/data/photos", "./photos", "../photos", "~/photos", "~"):
     assert image_folder.is_image_folder(value)
-  for value in ("imagenet2012", "fashion_mnist:3.0.1", "i_naturalist2019/2019",
-                "photos/cats"):
+  for value in ("imagenet2012", "fashion_mnist:3.0.1", "i_naturalist2019/2019", "photos/cats"):
     assert not image_folder.is_image_folder(value)
 
 
 def test_report_counts_every_file(split_folders):
   folder, data_dir, report = split_folders
   assert report["splits"] == {
-      "train": TRAIN_REPORT,
-      "validation": {"written": 4, "skipped": dict.fromkeys(image_folder.SKIP_REASONS, 0),
-                     "converted": {}, "downscaled": 0}}
+    "train": TRAIN_REPORT,
+    "validation": {
+      "written": 4,
+      "skipped": dict.fromkeys(image_folder.SKIP_REASONS, 0),
+      "converted": {},
+      "downscaled": 0,
+    },
+  }
   assert report["classes"] == ["birds", "cats", "dogs"]
   assert report["num_source_files"] == 22
   assert report["layout"] == "split folders train/ and val/"
   skipped = {path: (reason, detail) for path, reason, detail in report["skipped_files"]}
-  assert set(skipped) == {"train/cats/notes.txt", "train/cats/tiny.png",
-                          "train/cats/truncated.jpg", "train/cats/random.jpg",
-                          "train/cats/bomb.png"}
+  assert set(skipped) == {
+    "train/cats/notes.txt",
+    "train/cats/tiny.png",
+    "train/cats/truncated.jpg",
+    "train/cats/random.jpg",
+    "train/cats/bomb.png",
+  }
   assert skipped["train/cats/notes.txt"][0] == "not_an_image"
   assert skipped["train/cats/tiny.png"] == ("too_small", "4x4 px, under 16 px")
   assert skipped["train/cats/truncated.jpg"][0] == "undecodable"
@@ -170,11 +180,24 @@ def test_records_are_rgb_oriented_and_labelled(split_folders):
     assert image_folder.MIN_SIZE <= min(image.shape[:2]) <= image_folder.MAX_SIZE, path
     assert names[record["label"]] == path.split("/")[1], path
 
-  cats = {path.rsplit("/", 1)[1]: r["image"] for path, r in train.items()
-          if path.startswith("train/cats/")}
-  assert sorted(cats) == ["cmyk.jpg", "deep.png", "float.tif", "grey.png", "grey16.png",
-                          "grey32.tif", "huge.jpg", "palette.gif", "rgb.jpg", "rgba.png",
-                          "rotated.jpg"]
+  cats = {
+    path.rsplit("/", 1)[1]: r["image"]
+    for path, r in train.items()
+    if path.startswith("train/cats/")
+  }
+  assert sorted(cats) == [
+    "cmyk.jpg",
+    "deep.png",
+    "float.tif",
+    "grey.png",
+    "grey16.png",
+    "grey32.tif",
+    "huge.jpg",
+    "palette.gif",
+    "rgb.jpg",
+    "rgba.png",
+    "rotated.jpg",
+  ]
   assert cats["huge.jpg"].shape == (512, 740, 3)  # 1800 x 2600 -> shorter side 512
   # Top to bottom, the huge image is a ramp from black to white.
   assert _mean(cats["huge.jpg"], slice(0, 5)).max() < 10
@@ -183,14 +206,17 @@ def test_records_are_rgb_oriented_and_labelled(split_folders):
   assert rotated.shape == (40, 24, 3)
   np.testing.assert_allclose(_mean(rotated, slice(2, 18)), RED, atol=12)
   np.testing.assert_allclose(_mean(rotated, slice(22, 38)), BLUE, atol=12)
-  for name, left, right in (("rgb.jpg", RED, BLUE), ("rgba.png", WHITE, BLUE),
-                            ("palette.gif", RED, BLUE), ("deep.png", BLUE, RED),
-                            ("grey16.png", (255,) * 3, (128,) * 3),
-                            ("grey32.tif", (255,) * 3, (128,) * 3),
-                            ("float.tif", (255,) * 3, (128,) * 3)):
+  for name, left, right in (
+    ("rgb.jpg", RED, BLUE),
+    ("rgba.png", WHITE, BLUE),
+    ("palette.gif", RED, BLUE),
+    ("deep.png", BLUE, RED),
+    ("grey16.png", (255,) * 3, (128,) * 3),
+    ("grey32.tif", (255,) * 3, (128,) * 3),
+    ("float.tif", (255,) * 3, (128,) * 3),
+  ):
     np.testing.assert_allclose(_mean(cats[name], cols=slice(2, 18)), left, atol=6, err_msg=name)
-    np.testing.assert_allclose(_mean(cats[name], cols=slice(22, 38)), right, atol=6,
-                               err_msg=name)
+    np.testing.assert_allclose(_mean(cats[name], cols=slice(22, 38)), right, atol=6, err_msg=name)
   np.testing.assert_allclose(_mean(cats["grey.png"]), (100,) * 3, atol=2)
   np.testing.assert_allclose(_mean(cats["cmyk.jpg"]), CYAN, atol=6)
 
@@ -198,7 +224,8 @@ def test_records_are_rgb_oriented_and_labelled(split_folders):
 def test_rgb_jpeg_keeps_its_own_bytes(split_folders):
   folder, data_dir, _ = split_folders
   source = datasets.prepared_builder(folder, data_dir).as_data_source(
-      split="train", decoders={"image": tfds.decode.SkipDecoding()})
+    split="train", decoders={"image": tfds.decode.SkipDecoding()}
+  )
   stored = {r["file_name"].decode(): r["image"] for r in (source[i] for i in range(len(source)))}
   with open(os.path.join(folder, "train", "cats", "rgb.jpg"), "rb") as f:
     assert stored["train/cats/rgb.jpg"] == f.read()
@@ -206,8 +233,7 @@ def test_rgb_jpeg_keeps_its_own_bytes(split_folders):
     assert Image.open(io.BytesIO(data)).format == "JPEG", path
 
 
-def test_second_call_does_not_rebuild_and_stale_folder_warns(tmp_path, monkeypatch,
-                                                             caplog):
+def test_second_call_does_not_rebuild_and_stale_folder_warns(tmp_path, monkeypatch, caplog):
   folder = tmp_path / "pool"
   _write_images(folder, 12)
   data_dir = str(tmp_path / "tfds")
@@ -250,16 +276,15 @@ def test_held_out_split_is_deterministic_and_class_balanced(tmp_path):
   names = {}
   for num_workers in (0, 2):
     data_dir = str(tmp_path / f"tfds_{num_workers}")
-    report = image_folder.prepare_image_folder(str(folder), data_dir,
-                                               num_workers=num_workers)
+    report = image_folder.prepare_image_folder(str(folder), data_dir, num_workers=num_workers)
     assert report["layout"] == "one pool, 2% held out for validation (seed 0)"
-    records = {split: _records(str(folder), split, data_dir)
-               for split in ("train", "validation")}
+    records = {split: _records(str(folder), split, data_dir) for split in ("train", "validation")}
     names[num_workers] = {split: sorted(r) for split, r in records.items()}
     # 2% of 125 images is 2.5; every class keeps at least one: one of each.
     assert sorted(r["label"] for r in records["validation"].values()) == [0, 1, 2]
     assert sorted(names[num_workers]["train"] + names[num_workers]["validation"]) == sorted(
-        f"{c}/{p.name}" for c in "abc" for p in (folder / c).iterdir())
+      f"{c}/{p.name}" for c in "abc" for p in (folder / c).iterdir()
+    )
   assert names[0] == names[2]
 
 
@@ -267,8 +292,11 @@ def test_layouts_that_are_refused(tmp_path):
   mixed = tmp_path / "mixed"
   _write_images(mixed, 2)
   _write_images(mixed / "cats", 2)
-  with pytest.raises(ValueError, match=r"holds both images \(img_000.png, img_001.png, "
-                     r"...\) and class sub-folders \(cats, ...\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"holds both images \(img_000.png, img_001.png, "
+    r"...\) and class sub-folders \(cats, ...\)",
+  ):
     image_folder.prepare_image_folder(str(mixed), str(tmp_path / "tfds"))
   split = tmp_path / "split"
   _write_images(split / "train" / "cats", 2)
@@ -282,9 +310,11 @@ def test_split_without_usable_image_fails_and_says_why(tmp_path):
   _write_images(folder / "train", 3)
   (folder / "val").mkdir()
   (folder / "val" / "broken.jpg").write_bytes(b"not a jpeg")
-  with pytest.raises(image_folder.NoImagesError,
-                     match=r"none of the 1 image files of the validation split can be used; "
-                     r"the first: val/broken.jpg undecodable \(UnidentifiedImageError"):
+  with pytest.raises(
+    image_folder.NoImagesError,
+    match=r"none of the 1 image files of the validation split can be used; "
+    r"the first: val/broken.jpg undecodable \(UnidentifiedImageError",
+  ):
     image_folder.prepare_image_folder(str(folder), str(tmp_path / "tfds"), num_workers=0)
   # Nothing is left that would pass for a prepared folder.
   assert not image_folder.folder_builder(str(folder), str(tmp_path / "tfds")).is_prepared()
@@ -296,13 +326,16 @@ def test_missing_or_empty_folder_names_path_and_config_key(tmp_path, monkeypatch
   (tmp_path / "empty" / "notes.txt").write_text("no images here")
   (tmp_path / "file.jpg").write_bytes(b"")
   monkeypatch.setenv("HOME", str(tmp_path))
-  for name, path, why in (("~/missing", tmp_path / "missing", "does not exist"),
-                          (str(tmp_path / "file.jpg"), tmp_path / "file.jpg",
-                           "is not a folder"),
-                          (str(tmp_path / "empty"), tmp_path / "empty", "holds no image")):
-    for call in (lambda: datasets.prepare_dataset(name, data_dir),
-                 lambda: datasets.load_source(name, "train", data_dir),
-                 lambda: datasets.dataset_info(name, data_dir)):
+  for name, path, why in (
+    ("~/missing", tmp_path / "missing", "does not exist"),
+    (str(tmp_path / "file.jpg"), tmp_path / "file.jpg", "is not a folder"),
+    (str(tmp_path / "empty"), tmp_path / "empty", "holds no image"),
+  ):
+    for call in (
+      lambda: datasets.prepare_dataset(name, data_dir),
+      lambda: datasets.load_source(name, "train", data_dir),
+      lambda: datasets.dataset_info(name, data_dir),
+    ):
       with pytest.raises(datasets.DatasetNotPreparedError) as info:
         call()
       assert f"{path} {why}" in str(info.value)
@@ -312,8 +345,10 @@ def test_missing_or_empty_folder_names_path_and_config_key(tmp_path, monkeypatch
 
 def test_config_name_is_per_folder(tmp_path, monkeypatch):
   monkeypatch.setenv("HOME", str(tmp_path))
-  one, other = image_folder.config_name("~/a/My Photos"), image_folder.config_name(
-      str(tmp_path / "b" / "My Photos"))
+  one, other = (
+    image_folder.config_name("~/a/My Photos"),
+    image_folder.config_name(str(tmp_path / "b" / "My Photos")),
+  )
   assert one.startswith("my_photos_") and other.startswith("my_photos_") and one != other
   assert image_folder.config_name(str(tmp_path / "a" / "My Photos/")) == one
 
@@ -331,11 +366,11 @@ def test_pretraining_and_finetuning_on_a_folder(split_folders, tmp_path):
   final = main.run(config, workdir)
   assert np.isfinite(final["loss"])
   records = [r for r in metric_log.read_metrics(workdir) if "loss" in r]
-  assert [r["step"] for r in records] == [1, 2]
+  assert [r["step"] for r in records] == [2, 4]
   assert all(r["skipped_images"] == 0 for r in records)
   assert 0 <= final["knn_top1"] <= 1
   # The validation split is smaller than a batch: it is cycled, not dropped.
-  assert np.isfinite(final["val_loss"]) and final["best_step"] == 2
+  assert np.isfinite(final["val_loss"]) and final["best_step"] == 4
 
   tune = load_config("finetune,test", config_file)
   tune.data.dataset = folder

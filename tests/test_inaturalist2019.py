@@ -1,4 +1,4 @@
-"""Tests of splitmask_jax.inaturalist2019: the TFDS builder prepared from fake manual files
+"""Tests of splitmask_jax.data.inaturalist2019: the TFDS builder prepared from fake manual files
 in the competition's layout (tarballs of JPEGs, COCO-style json files), read back with
 `tfds.data_source`."""
 
@@ -11,7 +11,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from splitmask_jax import datasets, inaturalist2019
+from splitmask_jax.data import datasets
+from splitmask_jax.data import inaturalist2019
 
 NAME = inaturalist2019.NAME
 # (supercategory folder, category id) of the fake images, cycled: 3 categories in 2
@@ -41,15 +42,28 @@ def _write_tar(path, members):
 
 
 def _write_json(path, paths, labels=None):
-  images = [{"id": 100 + i, "file_name": p, "width": 0, "height": 0, "license": 1}
-            for i, p in enumerate(paths)]
+  images = [
+    {"id": 100 + i, "file_name": p, "width": 0, "height": 0, "license": 1}
+    for i, p in enumerate(paths)
+  ]
   data = {"info": {"year": 2019}, "images": images, "licenses": []}
   if labels is not None:
-    data["annotations"] = [{"id": i, "image_id": 100 + i, "category_id": labels[p]}
-                           for i, p in enumerate(paths)]
-    data["categories"] = [{"id": i, "name": f"species {i}", "kingdom": "Animalia",
-                           "phylum": "", "class": "", "order": "", "family": "",
-                           "genus": ""} for i in reversed(range(1010))]
+    data["annotations"] = [
+      {"id": i, "image_id": 100 + i, "category_id": labels[p]} for i, p in enumerate(paths)
+    ]
+    data["categories"] = [
+      {
+        "id": i,
+        "name": f"species {i}",
+        "kingdom": "Animalia",
+        "phylum": "",
+        "class": "",
+        "order": "",
+        "family": "",
+        "genus": "",
+      }
+      for i in reversed(range(1010))
+    ]
   with open(path, "w") as f:
     json.dump(data, f)
 
@@ -71,15 +85,18 @@ def _write_manual_files(folder, with_test=True, left_out=0):
     expected[split][path] = (label, supercategory, members[path], size)
   # A file that no json lists is ignored.
   members["train_val2019/Plants/1009/stray.jpg"] = _jpeg(5, 5, "RGB", seed=99)
-  archived = dict(list(members.items())[:NUM_IMAGES - NUM_VALIDATION] +
-                  list(members.items())[NUM_IMAGES - NUM_VALIDATION + left_out:])
+  archived = dict(
+    list(members.items())[: NUM_IMAGES - NUM_VALIDATION]
+    + list(members.items())[NUM_IMAGES - NUM_VALIDATION + left_out :]
+  )
   _write_tar(folder / "train_val2019.tar.gz", archived)
   for split, name in inaturalist2019.ANNOTATION_FILES.items():
-    _write_json(folder / name, list(expected[split]),
-                {p: v[0] for p, v in expected[split].items()})
+    _write_json(folder / name, list(expected[split]), {p: v[0] for p, v in expected[split].items()})
   if with_test:
-    expected["test"] = {f"test2019/{i:032x}.jpg": (-1, None, _jpeg(7, 5, "RGB", 50 + i),
-                                                   (7, 5)) for i in range(NUM_TEST)}
+    expected["test"] = {
+      f"test2019/{i:032x}.jpg": (-1, None, _jpeg(7, 5, "RGB", 50 + i), (7, 5))
+      for i in range(NUM_TEST)
+    }
     _write_tar(folder / "test2019.tar.gz", {p: v[2] for p, v in expected["test"].items()})
     _write_json(folder / "test2019.json", list(expected["test"]))
   return expected
@@ -88,8 +105,9 @@ def _write_manual_files(folder, with_test=True, left_out=0):
 def _prepare(manual_dir, data_dir):
   builder = tfds.builder(NAME, data_dir=str(data_dir))
   builder.download_and_prepare(
-      file_format="array_record",
-      download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+    file_format="array_record",
+    download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)),
+  )
   return builder
 
 
@@ -102,15 +120,17 @@ def prepared(tmp_path_factory):
 
 
 def _id(path):
-  return path.rsplit("/", 1)[1][:-len(".jpg")]
+  return path.rsplit("/", 1)[1][: -len(".jpg")]
 
 
 def test_records_hold_the_json_labels_and_the_images_written(prepared):
   expected, data_dir = prepared
   info = tfds.builder(NAME, data_dir=data_dir).info
   assert {s: info.splits[s].num_examples for s in info.splits} == {
-      "train": NUM_IMAGES - NUM_VALIDATION, "validation": NUM_VALIDATION,
-      "test": NUM_TEST}
+    "train": NUM_IMAGES - NUM_VALIDATION,
+    "validation": NUM_VALIDATION,
+    "test": NUM_TEST,
+  }
   assert info.features["label"].num_classes == 1010
   assert info.features["label"].names[1009] == "species 1009"
   for split, images in expected.items():
@@ -124,14 +144,14 @@ def test_records_hold_the_json_labels_and_the_images_written(prepared):
       assert record["supercategory"].decode() == (supercategory or "")
       image = record["image"]
       assert image.dtype == np.uint8 and image.shape == (*size, 3)
-      np.testing.assert_array_equal(
-          image, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+      np.testing.assert_array_equal(image, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
 
 
 def test_jpegs_keep_their_bytes_and_cmyk_is_stored_as_rgb(prepared):
   expected, data_dir = prepared
   source = tfds.builder(NAME, data_dir=data_dir).as_data_source(
-      "train", decoders={"image": tfds.decode.SkipDecoding()})
+    "train", decoders={"image": tfds.decode.SkipDecoding()}
+  )
   stored = {source[i]["id"].decode(): source[i]["image"] for i in range(len(source))}
   for i, (path, (_, _, data, _)) in enumerate(expected["train"].items()):
     if MODES.get(i) == "CMYK":
@@ -144,9 +164,14 @@ def test_the_training_code_reads_it_through_datasets(prepared):
   _, data_dir = prepared
   datasets.prepare_dataset(NAME, data_dir)  # already prepared: nothing to do
   assert datasets.dataset_info(NAME, data_dir) == datasets.DatasetInfo(
-      num_examples={"train": NUM_IMAGES - NUM_VALIDATION,
-                    "validation": NUM_VALIDATION, "test": NUM_TEST},
-      num_classes=1010, image_shape=(None, None, 3))
+    num_examples={
+      "train": NUM_IMAGES - NUM_VALIDATION,
+      "validation": NUM_VALIDATION,
+      "test": NUM_TEST,
+    },
+    num_classes=1010,
+    image_shape=(None, None, 3),
+  )
   assert len(datasets.load_source(NAME, "validation[:2]", data_dir)) == 2
 
 
@@ -175,19 +200,27 @@ def test_a_missing_json_file_raises_with_the_instructions(tmp_path):
 
 def test_images_missing_from_the_tarball_raise_with_their_count(tmp_path):
   _write_manual_files(tmp_path / "manual", left_out=2)
-  with pytest.raises(ValueError, match=(
+  with pytest.raises(
+    ValueError,
+    match=(
       f"train_val2019.tar.gz is incomplete: 2 of the {NUM_VALIDATION} images that "
-      f"val2019.json lists were not read from it")):
+      f"val2019.json lists were not read from it"
+    ),
+  ):
     _prepare(tmp_path / "manual", tmp_path / "data")
 
 
 def test_a_truncated_tarball_raises_with_the_count_of_images_not_read(tmp_path):
   _write_manual_files(tmp_path / "manual", with_test=False)
   archive = tmp_path / "manual" / "train_val2019.tar.gz"
-  archive.write_bytes(archive.read_bytes()[:archive.stat().st_size // 3])
-  with pytest.raises(ValueError, match=(
+  archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 3])
+  with pytest.raises(
+    ValueError,
+    match=(
       r"train_val2019.tar.gz is truncated or corrupt \(.*\): [1-9]\d* of the "
-      f"{NUM_IMAGES - NUM_VALIDATION} images that train2019.json lists were not read")):
+      f"{NUM_IMAGES - NUM_VALIDATION} images that train2019.json lists were not read"
+    ),
+  ):
     _prepare(tmp_path / "manual", tmp_path / "data")
 
 

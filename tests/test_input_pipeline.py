@@ -1,4 +1,4 @@
-"""Tests of splitmask_jax.input_pipeline (grain pre-training and evaluation batches)."""
+"""Tests of splitmask_jax.data.input_pipeline (grain pre-training and evaluation batches)."""
 
 import functools
 import itertools
@@ -8,16 +8,18 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from splitmask_jax import input_pipeline as ip
-from splitmask_jax import photometric
+from splitmask_jax.data import input_pipeline as ip
+from splitmask_jax.data import photometric
 
 N = 24  # Examples of the test source.
 
 
 def _constant_source(n=N, size=8, channels=1):
   """Example i is a constant image of value 10 * i + 5 (survives crop + resize)."""
-  return [{"image": np.full((size, size, channels), 10 * i + 5, np.uint8),
-           "label": i % 7} for i in range(n)]
+  return [
+    {"image": np.full((size, size, channels), 10 * i + 5, np.uint8), "label": i % 7}
+    for i in range(n)
+  ]
 
 
 def _ids(images):
@@ -48,8 +50,7 @@ def _assert_same_batches(a, b):
 def _pretrain(source=None, **kwargs):
   args = dict(batch_size=4, image_size=6, mask_fn=_mask_fn, seed=0)
   args.update(kwargs)
-  return ip.pretrain_dataset(_constant_source() if source is None else source,
-                             **args)
+  return ip.pretrain_dataset(_constant_source() if source is None else source, **args)
 
 
 def test_pretrain_shapes_and_dtypes():
@@ -65,8 +66,8 @@ def test_pretrain_shapes_and_dtypes():
 def test_pretrain_epochs_cover_every_example_once_and_reshuffle():
   batches = _take(_pretrain(), 2 * N // 4)
   ids = [_ids(b["image"]) for b in batches]
-  epoch1 = list(itertools.chain(*ids[:N // 4]))
-  epoch2 = list(itertools.chain(*ids[N // 4:]))
+  epoch1 = list(itertools.chain(*ids[: N // 4]))
+  epoch2 = list(itertools.chain(*ids[N // 4 :]))
   assert sorted(epoch1) == list(range(N))
   assert sorted(epoch2) == list(range(N))
   assert epoch1 != epoch2
@@ -87,14 +88,20 @@ def test_masks_vary_across_examples():
 
 
 def test_augment_fn_follows_the_crop_and_flip_and_leaves_the_masks():
-  solarize = functools.partial(photometric.small_data_augment, color_jitter_prob=0.0,
-                               grayscale_prob=0.0, blur_prob=0.0, solarize_prob=1.0)
+  solarize = functools.partial(
+    photometric.small_data_augment,
+    color_jitter_prob=0.0,
+    grayscale_prob=0.0,
+    blur_prob=0.0,
+    solarize_prob=1.0,
+  )
   plain = _take(_pretrain(), 3)
   solarized = _take(_pretrain(augment_fn=solarize), 3)
   for a, b in zip(plain, solarized):
     assert a.keys() == b.keys()
-    np.testing.assert_array_equal(b["image"], np.where(a["image"] >= 128, 255 - a["image"],
-                                                       a["image"]))
+    np.testing.assert_array_equal(
+      b["image"], np.where(a["image"] >= 128, 255 - a["image"], a["image"])
+    )
     assert not np.array_equal(a["image"], b["image"])
     for key in ("mask", "ids"):
       np.testing.assert_array_equal(a[key], b[key])
@@ -111,8 +118,7 @@ def test_augment_fn_follows_the_crop_and_flip_and_leaves_the_masks():
 
 def test_sharding_is_disjoint_and_matches_one_process_global_batches():
   steps = N // 8  # One epoch at a global batch of 8.
-  per_process = [_take(_pretrain(process_index=p, process_count=2), steps)
-                 for p in range(2)]
+  per_process = [_take(_pretrain(process_index=p, process_count=2), steps) for p in range(2)]
   ids = [[_ids(b["image"]) for b in batches] for batches in per_process]
   seen = [set(itertools.chain(*i)) for i in ids]
   assert not seen[0] & seen[1]
@@ -124,8 +130,10 @@ def test_sharding_is_disjoint_and_matches_one_process_global_batches():
     for p in range(2):
       for k, i in enumerate(ids[p][step]):
         merged[i] = {key: v[k] for key, v in per_process[p][step].items()}
-    alone = {i: {key: v[k] for key, v in single[step].items()}
-             for k, i in enumerate(_ids(single[step]["image"]))}
+    alone = {
+      i: {key: v[k] for key, v in single[step].items()}
+      for k, i in enumerate(_ids(single[step]["image"]))
+    }
     assert merged.keys() == alone.keys()
     for i in merged:
       for key in merged[i]:
@@ -177,8 +185,9 @@ def test_flip_happens_about_half_the_time():
   image = np.zeros((6, 6, 1), np.uint8)
   image[:, 3:] = 255  # Left half dark, right half bright.
   source = [{"image": image}] * 8
-  batches = _take(_pretrain(source, batch_size=8, crop_scale=(1.0, 1.0),
-                            crop_ratio=(1.0, 1.0), mask_fn=None), 50)
+  batches = _take(
+    _pretrain(source, batch_size=8, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), mask_fn=None), 50
+  )
   images = np.concatenate([b["image"] for b in batches])
   flipped = images[:, :, ::-1]
   is_original = (images == image).all(axis=(1, 2, 3))
@@ -232,9 +241,8 @@ def test_augment_crops_the_sampled_box():
     box_rng, aug_rng = np.random.default_rng(seed), np.random.default_rng(seed)
     top, left, h, w = ip.sample_crop_box(32, 32, box_rng, (0.2, 0.6))
     flip = box_rng.random() < 0.5
-    crop = Image.fromarray(image[top:top + h, left:left + w, 0])
-    want = np.asarray(crop.resize((16, 16), Image.Resampling.BICUBIC),
-                      np.float64)[..., None]
+    crop = Image.fromarray(image[top : top + h, left : left + w, 0])
+    want = np.asarray(crop.resize((16, 16), Image.Resampling.BICUBIC), np.float64)[..., None]
     if flip:
       want = want[:, ::-1]
     got = ip.augment(image, aug_rng, image_size=16, crop_scale=(0.2, 0.6))
@@ -259,9 +267,14 @@ def test_eval_padding_labels_and_validity():
 
 def test_eval_sharding_and_subset():
   source = _constant_source(n=10)
-  shards = [list(ip.eval_dataset(source, batch_size=2, image_size=8,
-                                 process_index=p, process_count=2,
-                                 num_examples=7)) for p in range(2)]
+  shards = [
+    list(
+      ip.eval_dataset(
+        source, batch_size=2, image_size=8, process_index=p, process_count=2, num_examples=7
+      )
+    )
+    for p in range(2)
+  ]
   assert [len(s) for s in shards] == [2, 2]  # ceil(ceil(7 / 2) / 2)
   ids = []
   for shard in shards:
@@ -273,20 +286,19 @@ def test_eval_sharding_and_subset():
 
 def test_eval_masks_are_the_same_every_pass_and_per_example():
   source = _constant_source(n=10)
-  ds = ip.eval_dataset(source, batch_size=4, image_size=8, mask_fn=_mask_fn,
-                       seed=3)
+  ds = ip.eval_dataset(source, batch_size=4, image_size=8, mask_fn=_mask_fn, seed=3)
   first, second = list(ds), list(ds)
   _assert_same_batches(first, second)
   # Masks follow the example, not the batching or sharding.
-  other = list(ip.eval_dataset(source, batch_size=3, image_size=8,
-                               mask_fn=_mask_fn, seed=3, process_index=1,
-                               process_count=2))
+  other = list(
+    ip.eval_dataset(
+      source, batch_size=3, image_size=8, mask_fn=_mask_fn, seed=3, process_index=1, process_count=2
+    )
+  )
   by_example = np.concatenate([b["ids"] for b in first])[:10]
-  np.testing.assert_array_equal(np.concatenate([b["ids"] for b in other])[:5],
-                                by_example[1::2])
+  np.testing.assert_array_equal(np.concatenate([b["ids"] for b in other])[:5], by_example[1::2])
   assert len({m.tobytes() for m in by_example}) == 10
-  shifted = list(ip.eval_dataset(source, batch_size=4, image_size=8,
-                                 mask_fn=_mask_fn, seed=4))
+  shifted = list(ip.eval_dataset(source, batch_size=4, image_size=8, mask_fn=_mask_fn, seed=4))
   assert not np.array_equal(shifted[0]["ids"], first[0]["ids"])
 
 
@@ -294,13 +306,14 @@ def test_eval_without_labels():
   source = [{"image": np.zeros((8, 8, 3), np.uint8)}] * 3
   with pytest.raises(ValueError, match="with_labels=True needs records holding"):
     ip.eval_dataset(source, batch_size=2, image_size=4)
-  batches = list(ip.eval_dataset(source, batch_size=2, image_size=4,
-                                 with_labels=False))
+  batches = list(ip.eval_dataset(source, batch_size=2, image_size=4, with_labels=False))
   assert set(batches[0]) == {"image", "valid"}
   assert batches[0]["image"].shape == (2, 4, 4, 3)
 
 
-@pytest.mark.parametrize("kwargs, pattern", [
+@pytest.mark.parametrize(
+  "kwargs, pattern",
+  [
     (dict(batch_size=0), "batch_size"),
     (dict(image_size=0), "image_size"),
     (dict(process_index=2, process_count=2), "process_index"),
@@ -309,7 +322,8 @@ def test_eval_without_labels():
     (dict(crop_ratio=(0.0, 1.0)), "crop_ratio"),
     (dict(num_workers=-1), "num_workers"),
     (dict(prefetch_buffer=0), "prefetch_buffer"),
-])
+  ],
+)
 def test_pretrain_rejects_bad_arguments(kwargs, pattern):
   with pytest.raises(ValueError, match=pattern):
     _pretrain(**kwargs)
@@ -319,8 +333,7 @@ def test_rejects_bad_sources_and_masks():
   with pytest.raises(ValueError, match="empty"):
     _pretrain(source=[])
   with pytest.raises(ValueError, match="num_examples"):
-    ip.eval_dataset(_constant_source(n=3), batch_size=2, image_size=4,
-                    num_examples=4)
+    ip.eval_dataset(_constant_source(n=3), batch_size=2, image_size=4, num_examples=4)
   with pytest.raises(ValueError, match="uint8"):
     _take(_pretrain(source=[{"image": np.zeros((8, 8, 1), np.float32)}]), 1)
   with pytest.raises(ValueError, match="mask_fn must return"):

@@ -27,7 +27,7 @@ def _reference_kmeans(points, init, num_iters):
     objectives.append(cos.max(1).mean())
     for k in range(len(c)):
       s = x[labels == k].sum(0)
-      assert np.linalg.norm(s) > 1e-3, 'reference hit an empty cluster'
+      assert np.linalg.norm(s) > 1e-3, "reference hit an empty cluster"
       c[k] = s / np.linalg.norm(s)
   return c, np.array(objectives), min_margin
 
@@ -49,11 +49,11 @@ def test_matches_float64_reference_with_shared_init():
   want, want_obj, margin = _reference_kmeans(points, init, num_iters=6)
   assert margin > 1e-5
   got, stats = kmeans.fit_spherical_kmeans(
-      jax.random.key(2), points, 6, num_iters=6, chunk_size=64, init=init)
+    jax.random.key(2), points, 6, num_iters=6, chunk_size=64, init=init
+  )
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(stats['mean_cosine']), want_obj,
-                             atol=1e-5)
-  np.testing.assert_array_equal(stats['num_reseeded'], 0)
+  np.testing.assert_allclose(np.asarray(stats["mean_cosine"]), want_obj, atol=1e-5)
+  np.testing.assert_array_equal(stats["num_reseeded"], 0)
   # The data are hard enough that the iterations actually move the centroids.
   assert want_obj[-1] - want_obj[0] > 0.05
 
@@ -74,8 +74,9 @@ def test_mean_cosine_never_decreases():
   points = rng.normal(size=(500, 6)).astype(np.float32)
   points[:3] = 0.0  # zero points must not produce NaN or break monotonicity
   centroids, stats = kmeans.fit_spherical_kmeans(
-      jax.random.key(0), points, 24, num_iters=12, chunk_size=128)
-  objective = np.asarray(stats['mean_cosine'])
+    jax.random.key(0), points, 24, num_iters=12, chunk_size=128
+  )
+  objective = np.asarray(stats["mean_cosine"])
   assert np.isfinite(np.asarray(centroids)).all()
   assert np.all(np.diff(objective) >= -1e-6), objective
   assert objective[-1] > objective[0] + 0.01
@@ -93,10 +94,10 @@ def test_reseeds_empty_clusters():
   points, _, _ = _blobs(rng, 3, 30, 4, noise=0.1)
   init = np.stack([points[0], points[0], points[40], points[80]])
   centroids, stats = kmeans.fit_spherical_kmeans(
-      jax.random.key(0), points, 4, num_iters=5, chunk_size=64, init=init)
-  assert stats['num_reseeded'][0] == 1
-  np.testing.assert_allclose(np.linalg.norm(np.asarray(centroids), axis=1), 1.0,
-                             atol=1e-6)
+    jax.random.key(0), points, 4, num_iters=5, chunk_size=64, init=init
+  )
+  assert stats["num_reseeded"][0] == 1
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(centroids), axis=1), 1.0, atol=1e-6)
 
 
 def test_recovers_well_separated_clusters():
@@ -106,7 +107,8 @@ def test_recovers_well_separated_clusters():
   # units of the noise; k-means must move to the normalised member means.
   init = points[[rng.integers(50) + 50 * k for k in range(4)]]
   centroids, _ = kmeans.fit_spherical_kmeans(
-      jax.random.key(0), points, 4, num_iters=4, chunk_size=64, init=init)
+    jax.random.key(0), points, 4, num_iters=4, chunk_size=64, init=init
+  )
   unit = points / np.linalg.norm(points, axis=1, keepdims=True)
   sums = np.stack([unit[labels == k].sum(0) for k in range(4)])
   want = sums / np.linalg.norm(sums, axis=1, keepdims=True)
@@ -120,27 +122,25 @@ def test_recovers_clusters_from_random_init():
   rng = np.random.default_rng(4)
   points, _, means = _blobs(rng, 3, 60, 16, noise=0.02)
   centroids, _ = kmeans.fit_spherical_kmeans(
-      jax.random.key(5), points, 12, num_iters=8, chunk_size=64)
+    jax.random.key(5), points, 12, num_iters=8, chunk_size=64
+  )
   cos = np.asarray(centroids) @ means.T
   assert (cos.max(1) > 0.98).all()
   assert (cos.max(0) > 0.98).all()
 
 
-@pytest.mark.parametrize('chunk_size', [7, 50, 1000])
+@pytest.mark.parametrize("chunk_size", [7, 50, 1000])
 def test_chunked_assignment_equals_unchunked(chunk_size):
   rng = np.random.default_rng(5)
   points = rng.normal(size=(103, 5)).astype(np.float32)
   key = jax.random.key(0)
-  one_chunk, one_stats = kmeans.fit_spherical_kmeans(
-      key, points, 9, num_iters=5, chunk_size=103)
-  chunked, stats = kmeans.fit_spherical_kmeans(
-      key, points, 9, num_iters=5, chunk_size=chunk_size)
-  np.testing.assert_allclose(np.asarray(chunked), np.asarray(one_chunk),
-                             atol=1e-6)
-  np.testing.assert_allclose(np.asarray(stats['mean_cosine']),
-                             np.asarray(one_stats['mean_cosine']), atol=1e-6)
-  np.testing.assert_array_equal(stats['num_reseeded'],
-                                one_stats['num_reseeded'])
+  one_chunk, one_stats = kmeans.fit_spherical_kmeans(key, points, 9, num_iters=5, chunk_size=103)
+  chunked, stats = kmeans.fit_spherical_kmeans(key, points, 9, num_iters=5, chunk_size=chunk_size)
+  np.testing.assert_allclose(np.asarray(chunked), np.asarray(one_chunk), atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(stats["mean_cosine"]), np.asarray(one_stats["mean_cosine"]), atol=1e-6
+  )
+  np.testing.assert_array_equal(stats["num_reseeded"], one_stats["num_reseeded"])
 
 
 def test_nearest_is_argmax_cosine():
@@ -158,22 +158,22 @@ def test_fit_compiles_once_for_all_iterations():
   points = rng.normal(size=(31, 3)).astype(np.float32)
   before = kmeans._fit._cache_size()
   for num_iters in (2, 2):
-    kmeans.fit_spherical_kmeans(jax.random.key(num_iters), points, 3,
-                                num_iters=num_iters, chunk_size=8)
+    kmeans.fit_spherical_kmeans(
+      jax.random.key(num_iters), points, 3, num_iters=num_iters, chunk_size=8
+    )
   assert kmeans._fit._cache_size() == before + 1
 
 
 def test_argument_checks():
   points = np.zeros((10, 3), np.float32)
   key = jax.random.key(0)
-  with pytest.raises(ValueError, match='num_clusters'):
+  with pytest.raises(ValueError, match="num_clusters"):
     kmeans.fit_spherical_kmeans(key, points, 11, num_iters=1)
-  with pytest.raises(ValueError, match='num_iters'):
+  with pytest.raises(ValueError, match="num_iters"):
     kmeans.fit_spherical_kmeans(key, points, 2, num_iters=0)
-  with pytest.raises(ValueError, match='chunk_size'):
+  with pytest.raises(ValueError, match="chunk_size"):
     kmeans.fit_spherical_kmeans(key, points, 2, num_iters=1, chunk_size=0)
-  with pytest.raises(ValueError, match='init'):
-    kmeans.fit_spherical_kmeans(key, points, 2, num_iters=1,
-                                init=np.zeros((3, 3)))
-  with pytest.raises(ValueError, match='points'):
+  with pytest.raises(ValueError, match="init"):
+    kmeans.fit_spherical_kmeans(key, points, 2, num_iters=1, init=np.zeros((3, 3)))
+  with pytest.raises(ValueError, match="points"):
     kmeans.fit_spherical_kmeans(key, points[0], 2, num_iters=1)

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
-from splitmask_jax import linear_probe
+from splitmask_jax import probe as linear_probe
 
 _NUM_CLASSES = 4
 _DIM = 16
@@ -79,27 +79,36 @@ def test_invariant_to_per_dimension_scale_and_offset(data, probe_accuracy):
   rng = np.random.default_rng(5)
   scale = np.exp(rng.uniform(-4, 4, size=train_x.shape[1:])).astype(np.float32)
   offset = rng.uniform(-100, 100, size=train_x.shape[1:]).astype(np.float32)
-  got = linear_probe.train_linear_probes(train_x * scale + offset, train_y,
-                                         test_x * scale + offset, test_y, **_PROBE_ARGS)
+  got = linear_probe.train_linear_probes(
+    train_x * scale + offset, train_y, test_x * scale + offset, test_y, **_PROBE_ARGS
+  )
   np.testing.assert_allclose(got, probe_accuracy, atol=0.005)
 
 
 def test_batch_larger_than_train_set_and_partial_last_test_batch(data):
   train_x, train_y, test_x, test_y = data
   # Training runs one batch of all 40; the test set is read as 64 + 64 + 22.
-  got = linear_probe.train_linear_probes(train_x[:40], train_y[:40], test_x[:150],
-                                         test_y[:150], num_classes=_NUM_CLASSES,
-                                         epochs=100, batch_size=64, learning_rate=0.05)
+  got = linear_probe.train_linear_probes(
+    train_x[:40],
+    train_y[:40],
+    test_x[:150],
+    test_y[:150],
+    num_classes=_NUM_CLASSES,
+    epochs=100,
+    batch_size=64,
+    learning_rate=0.05,
+  )
   want = _sklearn_accuracy(train_x[:40], train_y[:40], test_x[:150], test_y[:150])
   assert got[1] == want[1] == 1.0
   # Accuracies are counts over all 150 test examples, padding excluded.
   assert np.all(np.round(got * 150) == got * 150)
 
 
-@pytest.mark.parametrize("change, argument", [
+@pytest.mark.parametrize(
+  "change, argument",
+  [
     (lambda a: a.update(train_features=a["train_features"][:, 0]), "train_features"),
-    (lambda a: a.update(train_features=a["train_features"].astype(np.int32)),
-     "train_features"),
+    (lambda a: a.update(train_features=a["train_features"].astype(np.int32)), "train_features"),
     (lambda a: a.update(test_features=a["test_features"][:, :2]), "test_features"),
     (lambda a: a.update(test_features=a["test_features"][..., :5]), "test_features"),
     (lambda a: a.update(train_labels=a["train_labels"][:-1]), "train_labels"),
@@ -108,12 +117,17 @@ def test_batch_larger_than_train_set_and_partial_last_test_batch(data):
     (lambda a: a.update(test_labels=a["test_labels"] - 1), "test_labels"),
     (lambda a: a.update(num_classes=1), "num_classes"),
     (lambda a: a.update(batch_size=0), "batch_size"),
-])
+  ],
+)
 def test_bad_inputs_raise_naming_the_argument(data, change, argument):
   train_x, train_y, test_x, test_y = data
-  args = dict(train_features=train_x[:8], train_labels=train_y[:8],
-              test_features=test_x[:8], test_labels=np.arange(8) % _NUM_CLASSES,
-              num_classes=_NUM_CLASSES)
+  args = dict(
+    train_features=train_x[:8],
+    train_labels=train_y[:8],
+    test_features=test_x[:8],
+    test_labels=np.arange(8) % _NUM_CLASSES,
+    num_classes=_NUM_CLASSES,
+  )
   change(args)
   with pytest.raises(ValueError, match=argument):
     linear_probe.train_linear_probes(**args)
@@ -124,20 +138,26 @@ def test_nan_features_raise(data):
   test_x = test_x[:8].copy()
   test_x[3, 1, 2] = np.nan
   with pytest.raises(ValueError, match="test_features"):
-    linear_probe.train_linear_probes(train_x[:8], train_y[:8], test_x, test_y[:8],
-                                     num_classes=_NUM_CLASSES)
+    linear_probe.train_linear_probes(
+      train_x[:8], train_y[:8], test_x, test_y[:8], num_classes=_NUM_CLASSES
+    )
 
 
 def _table_rows(markdown):
   """The data rows of the one Markdown table: lists of cell strings."""
-  rows = [[c.strip() for c in line.strip("|").split("|")]
-          for line in markdown.splitlines() if line.startswith("|")]
+  rows = [
+    [c.strip() for c in line.strip("|").split("|")]
+    for line in markdown.splitlines()
+    if line.startswith("|")
+  ]
   return rows[0], rows[2:]
 
 
 def test_report_writes_numbers_table_and_plot(tmp_path):
-  accuracies = {"pretrained": [0.1234, 0.5, 0.87654, 0.999],
-                "random_init": np.array([0.25, 0.3049, 0.33, 0.3])}
+  accuracies = {
+    "pretrained": [0.1234, 0.5, 0.87654, 0.999],
+    "random_init": np.array([0.25, 0.3049, 0.33, 0.3]),
+  }
   folder = tmp_path / "probe"
   paths = linear_probe.write_probe_report(str(folder), accuracies, title="Fashion-MNIST")
   assert set(paths) == {"json", "markdown", "plot"}
@@ -146,14 +166,17 @@ def test_report_writes_numbers_table_and_plot(tmp_path):
   with open(paths["json"]) as f:
     record = json.load(f)
   assert record["title"] == "Fashion-MNIST" and record["num_blocks"] == 4
-  assert record["top1"] == {name: [float(v) for v in values]
-                            for name, values in accuracies.items()}
+  assert record["top1"] == {name: [float(v) for v in values] for name, values in accuracies.items()}
 
   with open(paths["markdown"]) as f:
     header, rows = _table_rows(f.read())
   assert header == ["block", "pretrained", "random_init"]
-  assert rows == [["1", "12.3", "25.0"], ["2", "50.0", "30.5"], ["3", "87.7", "33.0"],
-                  ["4", "99.9", "30.0"]]
+  assert rows == [
+    ["1", "12.3", "25.0"],
+    ["2", "50.0", "30.5"],
+    ["3", "87.7", "33.0"],
+    ["4", "99.9", "30.0"],
+  ]
 
   with Image.open(paths["plot"]) as image:
     image.verify()
@@ -165,8 +188,9 @@ def test_report_writes_numbers_table_and_plot(tmp_path):
 
 def test_report_replaces_previous_files(tmp_path):
   linear_probe.write_probe_report(str(tmp_path), {"a": [0.1, 0.2]}, title="t")
-  paths = linear_probe.write_probe_report(str(tmp_path), {"a": [0.3, 0.4], "b": [0.5, 0.6]},
-                                          title="t")
+  paths = linear_probe.write_probe_report(
+    str(tmp_path), {"a": [0.3, 0.4], "b": [0.5, 0.6]}, title="t"
+  )
   with open(paths["json"]) as f:
     assert json.load(f)["top1"] == {"a": [0.3, 0.4], "b": [0.5, 0.6]}
   with open(paths["markdown"]) as f:
@@ -174,8 +198,9 @@ def test_report_replaces_previous_files(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["probe.json", "probe.md", "probe.png"]
 
 
-@pytest.mark.parametrize("accuracies", [
-    {}, {"a": []}, {"a": [0.1, 0.2], "b": [0.3]}, {"a": [1.5]}, {"a": [float("nan")]}])
+@pytest.mark.parametrize(
+  "accuracies", [{}, {"a": []}, {"a": [0.1, 0.2], "b": [0.3]}, {"a": [1.5]}, {"a": [float("nan")]}]
+)
 def test_report_rejects_bad_accuracies(tmp_path, accuracies):
   with pytest.raises(ValueError, match="accuracies"):
     linear_probe.write_probe_report(str(tmp_path), accuracies, title="t")

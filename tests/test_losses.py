@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from splitmask_jax.losses import symmetric_info_nce, token_cross_entropy
+from splitmask_jax.losses import symmetric_info_nce
+from splitmask_jax.losses import token_cross_entropy
 
 
 def _np_log_softmax(x):
@@ -36,7 +37,7 @@ def _np_info_nce(za, zb, tau):
   return 0.5 * (ce_ab + ce_ba), acc
 
 
-@pytest.mark.parametrize('shape', [(7, 5), (2, 3, 11), (4, 16, 64)])
+@pytest.mark.parametrize("shape", [(7, 5), (2, 3, 11), (4, 16, 64)])
 def test_cross_entropy_matches_numpy(shape):
   rng = np.random.default_rng(sum(shape))
   logits = rng.normal(size=shape) * 4.0
@@ -45,9 +46,11 @@ def test_cross_entropy_matches_numpy(shape):
   got = token_cross_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(targets))
   assert got.dtype == jnp.float32 and got.shape == ()
   np.testing.assert_allclose(got, _np_cross_entropy(logits, targets), rtol=1e-5)
-  got_w = token_cross_entropy(jnp.asarray(logits, jnp.float32),
-                              jnp.asarray(targets),
-                              weights=jnp.asarray(weights, jnp.float32))
+  got_w = token_cross_entropy(
+    jnp.asarray(logits, jnp.float32),
+    jnp.asarray(targets),
+    weights=jnp.asarray(weights, jnp.float32),
+  )
   np.testing.assert_allclose(got_w, _np_cross_entropy(logits, targets, weights), rtol=1e-5)
 
 
@@ -58,13 +61,13 @@ def test_cross_entropy_stable_bool_weights_and_bf16():
   np.testing.assert_allclose(got, 0.5 * (1000.0 + np.log(3.0)), rtol=1e-6)
 
   mask = np.array([False, True])
-  got = token_cross_entropy(jnp.asarray(logits, jnp.float32),
-                            jnp.asarray(targets),
-                            weights=jnp.asarray(mask))
+  got = token_cross_entropy(
+    jnp.asarray(logits, jnp.float32), jnp.asarray(targets), weights=jnp.asarray(mask)
+  )
   np.testing.assert_allclose(got, np.log(3.0), rtol=1e-6)
-  zero = token_cross_entropy(jnp.asarray(logits, jnp.float32),
-                             jnp.asarray(targets),
-                             weights=jnp.zeros(2))
+  zero = token_cross_entropy(
+    jnp.asarray(logits, jnp.float32), jnp.asarray(targets), weights=jnp.zeros(2)
+  )
   assert float(zero) == 0.0
 
   rng = np.random.default_rng(0)
@@ -77,25 +80,26 @@ def test_cross_entropy_stable_bool_weights_and_bf16():
 
 
 def test_cross_entropy_bad_arguments():
-  with pytest.raises(ValueError, match='targets'):
+  with pytest.raises(ValueError, match="targets"):
     token_cross_entropy(jnp.zeros((3, 4)), jnp.zeros((4,), jnp.int32))
-  with pytest.raises(ValueError, match='targets'):
+  with pytest.raises(ValueError, match="targets"):
     token_cross_entropy(jnp.zeros((3, 4)), jnp.zeros((3,), jnp.float32))
-  with pytest.raises(ValueError, match='weights'):
+  with pytest.raises(ValueError, match="weights"):
     token_cross_entropy(jnp.zeros((3, 4)), jnp.zeros((3,), jnp.int32), jnp.ones((2,)))
 
 
-@pytest.mark.parametrize('batch,dim,tau', [(2, 3, 0.2), (8, 16, 0.2), (5, 7, 1.0)])
+@pytest.mark.parametrize("batch,dim,tau", [(2, 3, 0.2), (8, 16, 0.2), (5, 7, 1.0)])
 def test_info_nce_matches_numpy(batch, dim, tau):
   rng = np.random.default_rng(batch * dim)
   za = rng.normal(size=(batch, dim))
   zb = za + rng.normal(size=(batch, dim)) * 0.8
-  loss, metrics = symmetric_info_nce(jnp.asarray(za, jnp.float32), jnp.asarray(zb, jnp.float32),
-                                     tau)
+  loss, metrics = symmetric_info_nce(
+    jnp.asarray(za, jnp.float32), jnp.asarray(zb, jnp.float32), tau
+  )
   ref_loss, ref_acc = _np_info_nce(za, zb, tau)
   assert loss.dtype == jnp.float32 and loss.shape == ()
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-  np.testing.assert_allclose(metrics['accuracy'], ref_acc, rtol=1e-6)
+  np.testing.assert_allclose(metrics["accuracy"], ref_acc, rtol=1e-6)
 
 
 def test_info_nce_properties():
@@ -114,7 +118,7 @@ def test_info_nce_properties():
   # Perfectly matched, well separated pairs: accuracy 1 and loss near 0.
   eye = jnp.eye(6, 10)
   loss_eye, metrics = symmetric_info_nce(eye, 2.0 * eye, 0.05)
-  assert float(metrics['accuracy']) == 1.0 and float(loss_eye) < 1e-6
+  assert float(metrics["accuracy"]) == 1.0 and float(loss_eye) < 1e-6
 
   grads = jax.grad(lambda a, b: symmetric_info_nce(a, b, 0.2)[0], argnums=(0, 1))(za, zb)
   assert all(np.isfinite(g).all() and np.abs(g).sum() > 0 for g in grads)
@@ -128,28 +132,28 @@ def test_info_nce_bf16_and_bad_arguments():
   za = jnp.asarray(rng.normal(size=(4, 8)), jnp.bfloat16)
   zb = jnp.asarray(rng.normal(size=(4, 8)), jnp.bfloat16)
   loss, metrics = symmetric_info_nce(za, zb, 0.2)
-  assert loss.dtype == jnp.float32 and metrics['accuracy'].dtype == jnp.float32
-  np.testing.assert_allclose(loss,
-                             _np_info_nce(np.asarray(za, np.float64), np.asarray(zb, np.float64),
-                                          0.2)[0],
-                             rtol=1e-5)
-  with pytest.raises(ValueError, match='temperature'):
+  assert loss.dtype == jnp.float32 and metrics["accuracy"].dtype == jnp.float32
+  np.testing.assert_allclose(
+    loss, _np_info_nce(np.asarray(za, np.float64), np.asarray(zb, np.float64), 0.2)[0], rtol=1e-5
+  )
+  with pytest.raises(ValueError, match="temperature"):
     symmetric_info_nce(za, zb, 0.0)
-  with pytest.raises(ValueError, match='za and zb'):
+  with pytest.raises(ValueError, match="za and zb"):
     symmetric_info_nce(za, zb[:3], 0.2)
 
 
-@pytest.mark.skipif(jax.device_count() < 2, reason='needs several (fake) devices')
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs several (fake) devices")
 def test_info_nce_sharded_batch_uses_global_negatives():
   """With the batch sharded over devices the loss equals the single-device one."""
   n = jax.device_count()
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   rng = np.random.default_rng(3)
   za = rng.normal(size=(2 * n, 5)).astype(np.float32)
   zb = (za + rng.normal(size=(2 * n, 5))).astype(np.float32)
-  loss, metrics = jax.jit(lambda a, b: symmetric_info_nce(a, b, 0.2))(jax.device_put(za, sharding),
-                                                                      jax.device_put(zb, sharding))
+  loss, metrics = jax.jit(lambda a, b: symmetric_info_nce(a, b, 0.2))(
+    jax.device_put(za, sharding), jax.device_put(zb, sharding)
+  )
   ref_loss, ref_acc = _np_info_nce(za, zb, 0.2)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-  np.testing.assert_allclose(metrics['accuracy'], ref_acc, rtol=1e-6)
+  np.testing.assert_allclose(metrics["accuracy"], ref_acc, rtol=1e-6)

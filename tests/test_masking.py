@@ -14,8 +14,9 @@ GRID = (14, 14)
 N = 196
 
 
-def reference_beit(uniform, randint, height, width, target, min_num, max_num,
-                   min_aspect=0.3, initial=None):
+def reference_beit(
+  uniform, randint, height, width, target, min_num, max_num, min_aspect=0.3, initial=None
+):
   """BEiT's MaskingGenerator, written out literally.
 
   `uniform(a, b)` and `randint(a, b)` follow Python's `random` semantics
@@ -37,7 +38,7 @@ def reference_beit(uniform, randint, height, width, target, min_num, max_num,
       if w < width and h < height:
         top = randint(0, height - h)
         left = randint(0, width - w)
-        already = mask[top:top + h, left:left + w].sum()
+        already = mask[top : top + h, left : left + w].sum()
         if 0 < h * w - already <= max_mask:
           for i in range(top, top + h):
             for j in range(left, left + w):
@@ -54,18 +55,19 @@ def reference_beit(uniform, randint, height, width, target, min_num, max_num,
 
 def python_reference_masks(seed, draws, target):
   rand = random.Random(seed)
-  return np.stack([
-      reference_beit(rand.uniform, rand.randint, 14, 14, target, 16, 75)
-      for _ in range(draws)
-  ])
+  return np.stack(
+    [reference_beit(rand.uniform, rand.randint, 14, 14, target, 16, 75) for _ in range(draws)]
+  )
 
 
 def block_masks(seed, draws, target, **kwargs):
   rng = np.random.default_rng(seed)
-  return np.stack([
-      masking.block_mask(rng, GRID, target, min_block=16, max_block=75,
-                         **kwargs) for _ in range(draws)
-  ])
+  return np.stack(
+    [
+      masking.block_mask(rng, GRID, target, min_block=16, max_block=75, **kwargs)
+      for _ in range(draws)
+    ]
+  )
 
 
 def test_default_block_sizes():
@@ -78,25 +80,30 @@ def test_default_block_sizes():
 def test_block_mask_follows_beit_draw_for_draw():
   # Fed the same stream, the reference and block_mask must agree exactly,
   # including budgets below min_block and an initial mask.
-  for seed, (grid, target, lo, hi, initial_count) in enumerate([
+  for seed, (grid, target, lo, hi, initial_count) in enumerate(
+    [
       ((14, 14), 75, 16, 75, 0),
       ((14, 14), 98, 16, 75, 0),
       ((14, 14), 98, 16, 75, 49),
       ((5, 7), 20, 3, 8, 5),
       ((1, 9), 4, 1, 3, 0),
-  ]):
+    ]
+  ):
     ref_rng = np.random.default_rng(seed)
     rng = np.random.default_rng(seed)
     init_rng = np.random.default_rng(100 + seed)
     for _ in range(50):
-      initial = masking.uniform_mask(init_rng, grid[0] * grid[1],
-                                     initial_count).reshape(grid)
+      initial = masking.uniform_mask(init_rng, grid[0] * grid[1], initial_count).reshape(grid)
       expected = reference_beit(
-          lambda a, b: a + (b - a) * ref_rng.random(),
-          lambda a, b: int(ref_rng.integers(a, b + 1)),
-          *grid, target, lo, hi, initial=initial)
-      got = masking.block_mask(rng, grid, target, min_block=lo, max_block=hi,
-                               initial=initial)
+        lambda a, b: a + (b - a) * ref_rng.random(),
+        lambda a, b: int(ref_rng.integers(a, b + 1)),
+        *grid,
+        target,
+        lo,
+        hi,
+        initial=initial,
+      )
+      got = masking.block_mask(rng, grid, target, min_block=lo, max_block=hi, initial=initial)
       assert got.dtype == np.bool_ and got.shape == grid
       np.testing.assert_array_equal(got, expected)
       assert not (initial & ~got).any()
@@ -118,10 +125,13 @@ def test_block_mask_distribution_matches_python_beit(target):
   assert np.abs(ours.mean(0) - ref.mean(0)).max() < 0.08
 
 
-@pytest.mark.parametrize("target,exact_fraction,mean", [
+@pytest.mark.parametrize(
+  "target,exact_fraction,mean",
+  [
     (75, 2 / 3, 74.5),
     (98, 0.70, 97.6),
-])
+  ],
+)
 def test_block_mask_known_figures(target, exact_fraction, mean):
   counts = block_masks(2, 2000, target).reshape(2000, -1).sum(1)
   assert abs((counts == target).mean() - exact_fraction) < 0.05
@@ -134,7 +144,7 @@ def test_block_mask_is_blocky():
   for _ in range(20):
     block = masking.beit_mask(rng, GRID, 75, min_block=16, max_block=75)
     uniform = masking.uniform_mask(rng, N, 75)
-    pairs = lambda m: ((m[1:] & m[:-1]).sum() + (m[:, 1:] & m[:, :-1]).sum())
+    pairs = lambda m: (m[1:] & m[:-1]).sum() + (m[:, 1:] & m[:, :-1]).sum()
     assert pairs(block.reshape(GRID)) > 1.5 * pairs(uniform.reshape(GRID))
 
 
@@ -190,8 +200,8 @@ def check_split(split, num_patches, num_visible):
   everything = np.arange(num_patches)
   for branch in "ab":
     np.testing.assert_array_equal(
-        split[f"masked_{branch}"],
-        np.setdiff1d(everything, split[f"visible_{branch}"]))
+      split[f"masked_{branch}"], np.setdiff1d(everything, split[f"visible_{branch}"])
+    )
   assert not np.intersect1d(split["visible_a"], split["visible_b"]).size
 
 
@@ -206,9 +216,7 @@ def test_split_patches(kind):
     check_split(masking.split_patches(rng, GRID, 0.75, kind=kind), N, 49)
     # Odd grid: one patch is in neither subset.
     check_split(masking.split_patches(rng, (3, 5), 0.5, kind=kind), 15, 7)
-    check_split(
-        masking.split_patches(rng, (4, 4), 0.8, kind=kind, min_block=1,
-                              max_block=2), 16, 3)
+    check_split(masking.split_patches(rng, (4, 4), 0.8, kind=kind, min_block=1, max_block=2), 16, 3)
 
 
 def test_split_block_second_subset_is_topped_up_outside_a():
@@ -242,10 +250,10 @@ def test_make_mask_fn(kind):
   assert masking.make_mask_fn("beit", GRID, 0.4)(rng)["mask"].sum() == 78
 
 
-@pytest.mark.parametrize("objective,kind", [("beit", "block"),
-                                            ("beit", "uniform"),
-                                            ("splitmask", "block"),
-                                            ("splitmask", "uniform")])
+@pytest.mark.parametrize(
+  "objective,kind",
+  [("beit", "block"), ("beit", "uniform"), ("splitmask", "block"), ("splitmask", "uniform")],
+)
 def test_reproducible_from_seed(objective, kind):
   fn = masking.make_mask_fn(objective, GRID, 0.5, kind=kind)
   draw = lambda seed: fn(np.random.default_rng(seed))
@@ -266,9 +274,9 @@ def test_value_errors_name_the_argument():
   raises("num_patches", masking.default_block_sizes, 0)
   raises("num_patches", masking.default_block_sizes, 1.5)
 
-  block = lambda **kw: masking.block_mask(**{
-      "rng": rng, "grid": (4, 4), "num_masked": 4, "min_block": 2,
-      "max_block": 4, **kw})
+  block = lambda **kw: masking.block_mask(
+    **{"rng": rng, "grid": (4, 4), "num_masked": 4, "min_block": 2, "max_block": 4, **kw}
+  )
   raises("rng", block, rng=random.Random(0))
   raises("grid", block, grid=(0, 4))
   raises("grid", block, grid=(4,))
@@ -287,12 +295,10 @@ def test_value_errors_name_the_argument():
   raises("mask", masking.exact_count, rng, bools((2, 2)), 1)
   raises("count", masking.exact_count, rng, bools(4), 5)
   raises("allowed", masking.exact_count, rng, bools(4), 1, bools(3))
-  raises("count", masking.exact_count, rng, bools(4), 3,
-         np.array([True, True, False, False]))
+  raises("count", masking.exact_count, rng, bools(4), 3, np.array([True, True, False, False]))
   raises("rng", masking.exact_count, None, bools(4), 1)
 
-  raises("num_masked", masking.beit_mask, rng, (4, 4), 20, min_block=1,
-         max_block=4)
+  raises("num_masked", masking.beit_mask, rng, (4, 4), 20, min_block=1, max_block=4)
   raises("num_masked", masking.uniform_mask, rng, 4, 5)
   raises("num_patches", masking.uniform_mask, rng, 0, 0)
 
@@ -301,8 +307,9 @@ def test_value_errors_name_the_argument():
   raises("ratio", masking.split_patches, rng, (2, 2), 0.9, kind="uniform")
   raises("kind", masking.split_patches, rng, GRID, 0.5, kind="grid")
   raises("grid", masking.split_patches, rng, (14, -1), 0.5, kind="block")
-  raises("min_block", masking.split_patches, rng, GRID, 0.5, kind="block",
-         min_block=80, max_block=75)
+  raises(
+    "min_block", masking.split_patches, rng, GRID, 0.5, kind="block", min_block=80, max_block=75
+  )
 
   make = masking.make_mask_fn
   raises("objective", make, "mae", GRID, 0.5)

@@ -45,8 +45,11 @@ def test_smooth_labels_matches_reference():
 
 def test_cutmix_box_share_is_one_minus_lam_and_label_weight():
   images = _constant_batch()
-  mix = jax.jit(functools.partial(mixing.mix_batch, num_classes=K, mixup_alpha=0.0,
-                                  cutmix_alpha=1.0, label_smoothing=0.1))
+  mix = jax.jit(
+    functools.partial(
+      mixing.mix_batch, num_classes=K, mixup_alpha=0.0, cutmix_alpha=1.0, label_smoothing=0.1
+    )
+  )
   smooth = _smooth_reference(np.asarray(LABELS), K, 0.1)
   for key in _keys(10):
     out, targets, lam = (np.asarray(a) for a in mix(images, LABELS, key))
@@ -58,7 +61,7 @@ def test_cutmix_box_share_is_one_minus_lam_and_label_weight():
       # The partner's pixels form one axis-aligned box.
       rows, cols = np.nonzero(partner[..., 0])
       if len(rows):
-        box = partner[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        box = partner[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
         assert box.all()
     np.testing.assert_allclose(targets, lam * smooth + (1 - lam) * smooth[::-1], atol=1e-6)
     np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-6)
@@ -68,8 +71,13 @@ def test_cutmix_lam_distribution_matches_timm_box_rule():
   """Corrected lam over many keys against a NumPy sample of timm's `rand_bbox` rule."""
   height, width, n = 12, 20, 3000
   images = _constant_batch(height, width)[:2]
-  lams = jax.jit(jax.vmap(lambda key: mixing.mix_batch(
-      images, LABELS[:2], key, num_classes=K, mixup_alpha=0.0, cutmix_alpha=1.0)[2]))(_keys(n))
+  lams = jax.jit(
+    jax.vmap(
+      lambda key: mixing.mix_batch(
+        images, LABELS[:2], key, num_classes=K, mixup_alpha=0.0, cutmix_alpha=1.0
+      )[2]
+    )
+  )(_keys(n))
   rng = np.random.default_rng(0)
   size = 100_000
   ratio = np.sqrt(1 - rng.beta(1.0, 1.0, size))
@@ -85,8 +93,11 @@ def test_cutmix_lam_distribution_matches_timm_box_rule():
 
 def test_mixup_blends_with_reversed_batch():
   images = jax.random.normal(jax.random.key(1), (4, 6, 6, 3))
-  mix = jax.jit(functools.partial(mixing.mix_batch, num_classes=K, mixup_alpha=0.8,
-                                  cutmix_alpha=0.0, label_smoothing=0.1))
+  mix = jax.jit(
+    functools.partial(
+      mixing.mix_batch, num_classes=K, mixup_alpha=0.8, cutmix_alpha=0.0, label_smoothing=0.1
+    )
+  )
   smooth = _smooth_reference(np.asarray(LABELS), K, 0.1)
   x = np.asarray(images, np.float64)
   for key in _keys(5):
@@ -100,9 +111,13 @@ def test_mixup_blends_with_reversed_batch():
 def test_switch_prob_and_lam_distributions():
   n = 3000
   images = _constant_batch(8, 8)[:2]
-  mix = jax.jit(jax.vmap(lambda key: mixing.mix_batch(
-      images, LABELS[:2], key, num_classes=K, mixup_alpha=0.2, cutmix_alpha=1.0,
-      switch_prob=0.3)))
+  mix = jax.jit(
+    jax.vmap(
+      lambda key: mixing.mix_batch(
+        images, LABELS[:2], key, num_classes=K, mixup_alpha=0.2, cutmix_alpha=1.0, switch_prob=0.3
+      )
+    )
+  )
   out, _, lams = mix(_keys(n))
   out, lams = np.asarray(out), np.asarray(lams)
   # Cutmix leaves only whole source values; mixup blends 0 and 1 into lam-valued pixels.
@@ -117,9 +132,11 @@ def test_switch_prob_and_lam_distributions():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_no_mixing_when_both_alphas_are_zero(dtype):
   images = jax.random.normal(jax.random.key(2), (4, 5, 5, 1), dtype)
-  out, targets, lam = jax.jit(functools.partial(
-      mixing.mix_batch, num_classes=K, mixup_alpha=0.0, cutmix_alpha=0.0,
-      label_smoothing=0.2))(images, LABELS, jax.random.key(3))
+  out, targets, lam = jax.jit(
+    functools.partial(
+      mixing.mix_batch, num_classes=K, mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.2
+    )
+  )(images, LABELS, jax.random.key(3))
   assert out.dtype == dtype and float(lam) == 1.0
   np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(images, np.float32))
   np.testing.assert_allclose(targets, _smooth_reference(np.asarray(LABELS), K, 0.2), rtol=1e-6)
@@ -128,7 +145,8 @@ def test_no_mixing_when_both_alphas_are_zero(dtype):
 def test_jitted_output_types():
   images = jnp.zeros((4, 8, 8, 3), jnp.bfloat16)
   out, targets, lam = jax.jit(functools.partial(mixing.mix_batch, num_classes=K))(
-      images, LABELS, jax.random.key(0))
+    images, LABELS, jax.random.key(0)
+  )
   assert out.shape == images.shape and out.dtype == jnp.bfloat16
   assert targets.shape == (4, K) and targets.dtype == jnp.float32
   assert lam.shape == () and lam.dtype == jnp.float32
@@ -152,12 +170,17 @@ def test_soft_cross_entropy_matches_float64_reference(dtype):
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    ({"mixup_alpha": -0.1}, "mixup_alpha"), ({"mixup_alpha": float("inf")}, "mixup_alpha"),
+@pytest.mark.parametrize(
+  "kwargs, name",
+  [
+    ({"mixup_alpha": -0.1}, "mixup_alpha"),
+    ({"mixup_alpha": float("inf")}, "mixup_alpha"),
     ({"cutmix_alpha": -1.0}, "cutmix_alpha"),
-    ({"switch_prob": 1.5}, "switch_prob"), ({"label_smoothing": 1.0}, "smoothing"),
+    ({"switch_prob": 1.5}, "switch_prob"),
+    ({"label_smoothing": 1.0}, "smoothing"),
     ({"num_classes": 0}, "num_classes"),
-])
+  ],
+)
 def test_bad_arguments_are_rejected(kwargs, name):
   kwargs = {"num_classes": K, **kwargs}
   with pytest.raises(ValueError, match=name):

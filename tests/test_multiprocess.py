@@ -15,11 +15,14 @@ import sys
 import numpy as np
 import pytest
 
-from splitmask_jax import datasets
-from splitmask_jax import distributed
-from splitmask_jax import metric_log
 from splitmask_jax import train
-from helpers import CONFIG_FILE, ROOT, load_config
+from splitmask_jax.data import datasets
+from splitmask_jax.runtime import distributed
+from splitmask_jax.runtime import metric_log
+
+from helpers import CONFIG_FILE
+from helpers import ROOT
+from helpers import load_config
 
 NUM_STEPS = 4
 COMPARED = ("loss", "inpaint_loss", "match_loss", "grad_norm")
@@ -27,9 +30,14 @@ COMPARED = ("loss", "inpaint_loss", "match_loss", "grad_norm")
 
 def _overrides(fake_dir, data_dir) -> dict:
   # Every step logged, a checkpoint every 2 steps; the test config's k-NN on.
-  return {"data.manual_dir": str(fake_dir), "data.data_dir": str(data_dir),
-          "num_steps": NUM_STEPS, "log_every": 1, "checkpoint_every": 2,
-          "eval_every": NUM_STEPS}
+  return {
+    "data.manual_dir": str(fake_dir),
+    "data.data_dir": str(data_dir),
+    "num_steps": NUM_STEPS,
+    "log_every": 1,
+    "checkpoint_every": 2,
+    "eval_every": NUM_STEPS,
+  }
 
 
 def _flags(overrides: dict) -> list[str]:
@@ -44,8 +52,7 @@ def _free_port() -> int:
 
 def _clean_env(**extra) -> dict:
   """The test session's environment without its 8-device XLA_FLAGS or any SLURM job."""
-  env = {k: v for k, v in os.environ.items()
-         if k != "XLA_FLAGS" and not k.startswith("SLURM_")}
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and not k.startswith("SLURM_")}
   env.update(extra)
   return env
 
@@ -81,16 +88,30 @@ def slurm_run(fake_fashion_mnist, data_dir, tmp_path_factory):
   """2 processes x 2 devices, data parallel, found by JAX from SLURM's variables."""
   workdir = tmp_path_factory.mktemp("slurm_run")
   port = _free_port()
-  cmd = [sys.executable, "-m", "splitmask_jax.main", f"--config={CONFIG_FILE}:test",
-         f"--workdir={workdir}", *_flags(_overrides(fake_fashion_mnist, data_dir))]
+  cmd = [
+    sys.executable,
+    "-m",
+    "splitmask_jax.main",
+    f"--config={CONFIG_FILE}:test",
+    f"--workdir={workdir}",
+    *_flags(_overrides(fake_fashion_mnist, data_dir)),
+  ]
   procs = []
   for i in range(2):
-    env = _clean_env(XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                     SLURM_JOB_ID="1", SLURM_NTASKS="2", SLURM_PROCID=str(i),
-                     SLURM_LOCALID=str(i), SLURM_STEP_NODELIST="localhost",
-                     JAX_COORDINATOR_PORT=str(port))
-    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))
+    env = _clean_env(
+      XLA_FLAGS="--xla_force_host_platform_device_count=2",
+      SLURM_JOB_ID="1",
+      SLURM_NTASKS="2",
+      SLURM_PROCID=str(i),
+      SLURM_LOCALID=str(i),
+      SLURM_STEP_NODELIST="localhost",
+      JAX_COORDINATOR_PORT=str(port),
+    )
+    procs.append(
+      subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+      )
+    )
   logs = [proc.communicate(timeout=600)[0] for proc in procs]
   for i, (proc, log) in enumerate(zip(procs, logs)):
     assert proc.returncode == 0, f"process {i}:\n{log[-3000:]}"
@@ -103,8 +124,9 @@ def test_two_processes_equal_one_process(reference, slurm_run):
   records = _by_step(slurm_run)
   for step, record in records.items():
     for key in COMPARED:
-      np.testing.assert_allclose(record[key], expected[step][key], rtol=1e-5,
-                                 err_msg=f"step {step}, {key}")
+      np.testing.assert_allclose(
+        record[key], expected[step][key], rtol=1e-5, err_msg=f"step {step}, {key}"
+      )
   everything = metric_log.read_metrics(str(slurm_run))
   val = next(r for r in everything if "val_loss" in r)
   np.testing.assert_allclose(val["val_loss"], expected_final["val_loss"], rtol=1e-5)
@@ -113,13 +135,15 @@ def test_two_processes_equal_one_process(reference, slurm_run):
   assert knn["knn_top1"] == expected_final["knn_top1"]
   assert knn["knn_top1_random_init"] == expected_final["knn_top1_random_init"]
   # Both processes wrote their share of every checkpoint; only process 0 wrote logs.
-  assert sorted(p.name for p in (slurm_run / "checkpoints" / "4" / "data").iterdir()
-                if p.suffix == ".json") == ["process_0-of-2.json", "process_1-of-2.json"]
+  assert sorted(
+    p.name for p in (slurm_run / "checkpoints" / "4" / "data").iterdir() if p.suffix == ".json"
+  ) == ["process_0-of-2.json", "process_1-of-2.json"]
   assert len(list(slurm_run.glob("events.out.tfevents.*"))) == 1
 
 
-def test_fsdp_restart_from_data_parallel_checkpoint(reference, slurm_run, fake_fashion_mnist,
-                                                    data_dir, tmp_path):
+def test_fsdp_restart_from_data_parallel_checkpoint(
+  reference, slurm_run, fake_fashion_mnist, data_dir, tmp_path
+):
   """launch/local.sh restarts the step-2 checkpoint of the data-parallel run with
   parameters and optimizer state sharded over all 4 devices of both processes;
   steps 3 and 4 match the one-process run, and both processes trace step 4."""
@@ -127,14 +151,27 @@ def test_fsdp_restart_from_data_parallel_checkpoint(reference, slurm_run, fake_f
   workdir = tmp_path / "fsdp"
   shutil.copytree(slurm_run, workdir)
   shutil.rmtree(workdir / "checkpoints" / str(NUM_STEPS))
-  overrides = dict(_overrides(fake_fashion_mnist, data_dir), **{
-      "mesh.data": 1, "mesh.fsdp": -1, "knn.enabled": False,
-      "profile.start_step": 3, "profile.num_steps": 1})
-  env = _clean_env(NUM_PROCESSES="2", CPU_DEVICES="2", PORT=str(_free_port()),
-                   PYTHON=sys.executable)
+  overrides = dict(
+    _overrides(fake_fashion_mnist, data_dir),
+    **{
+      "mesh.data": 1,
+      "mesh.fsdp": -1,
+      "knn.enabled": False,
+      "profile.start_step": 3,
+      "profile.num_steps": 1,
+    },
+  )
+  env = _clean_env(
+    NUM_PROCESSES="2", CPU_DEVICES="2", PORT=str(_free_port()), PYTHON=sys.executable
+  )
   result = subprocess.run(
-      [str(ROOT / "launch" / "local.sh"), f"{CONFIG_FILE}:test", str(workdir),
-       *_flags(overrides)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    [str(ROOT / "launch" / "local.sh"), f"{CONFIG_FILE}:test", str(workdir), *_flags(overrides)],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   logs = {i: (workdir / f"process_{i}.log").read_text() for i in range(2)}
   assert result.returncode == 0, result.stderr + logs[0][-3000:] + logs[1][-3000:]
   assert "Resumed from step 2" in logs[1]
@@ -142,8 +179,9 @@ def test_fsdp_restart_from_data_parallel_checkpoint(reference, slurm_run, fake_f
   records = _by_step(workdir)
   for step in (3, 4):
     for key in COMPARED:
-      np.testing.assert_allclose(records[step][key], expected[step][key], rtol=1e-5,
-                                 err_msg=f"step {step}, {key}")
+      np.testing.assert_allclose(
+        records[step][key], expected[step][key], rtol=1e-5, err_msg=f"step {step}, {key}"
+      )
   for i in range(2):
     trace = workdir / "profile" / f"process_{i}"
     assert list(trace.glob("plugins/profile/*/*.xplane.pb")), f"no trace of process {i}"
@@ -153,23 +191,29 @@ def test_fsdp_restart_from_data_parallel_checkpoint(reference, slurm_run, fake_f
 _SLURM_JOB = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}
 
 
-@pytest.mark.parametrize("flags, environ, libtpu, expected", [
+@pytest.mark.parametrize(
+  "flags, environ, libtpu, expected",
+  [
     (("localhost:1234", 2, 1), _SLURM_JOB, True, distributed.EXPLICIT),
     ((None, None, None), _SLURM_JOB, True, distributed.SLURM),
     ((None, None, None), dict(_SLURM_JOB, SLURM_NTASKS="1"), False, distributed.SINGLE),
     ((None, None, None), {}, True, distributed.TPU),
     ((None, None, None), {}, False, distributed.SINGLE),
-])
+  ],
+)
 def test_detect_precedence(flags, environ, libtpu, expected, monkeypatch):
   monkeypatch.setattr(distributed, "_libtpu_installed", lambda: libtpu)
   assert distributed.detect(*flags, environ=environ) == expected
 
 
-@pytest.mark.parametrize("flags, match", [
+@pytest.mark.parametrize(
+  "flags, match",
+  [
     (("localhost:1234", 2, None), "--process_id"),
     ((None, 2, 0), "--coordinator_address"),
     (("localhost:1234", 2, 2), "process_id < num_processes"),
-])
+  ],
+)
 def test_detect_rejects_incomplete_flags(flags, match):
   with pytest.raises(ValueError, match=match):
     distributed.detect(*flags, environ={})

@@ -1,14 +1,16 @@
-"""Tests for splitmask_jax.photometric: each op against an independent reference."""
+"""Tests for splitmask_jax.data.photometric: each op against an independent reference."""
 
 from __future__ import annotations
 
 import ml_collections
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image
+from PIL import ImageFilter
+from PIL import ImageOps
 
-from splitmask_jax import photometric
-from splitmask_jax import randaugment
+from splitmask_jax.data import photometric
+from splitmask_jax.data import randaugment
 
 _OFF = dict(color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0)
 
@@ -19,8 +21,7 @@ def _image(channels=3, height=24, width=24, seed=0):
 
 def _only(image, seed, **kwargs):
   """small_data_augment with every op off but those set in kwargs."""
-  return photometric.small_data_augment(image, np.random.default_rng(seed),
-                                        **{**_OFF, **kwargs})
+  return photometric.small_data_augment(image, np.random.default_rng(seed), **{**_OFF, **kwargs})
 
 
 def _edge_sigma(row):
@@ -29,7 +30,7 @@ def _edge_sigma(row):
   spread /= spread.sum()
   position = np.arange(len(spread))
   mean = (spread * position).sum()
-  return float(np.sqrt((spread * (position - mean)**2).sum()))
+  return float(np.sqrt((spread * (position - mean) ** 2).sum()))
 
 
 @pytest.mark.parametrize("threshold", [128, 64])
@@ -67,7 +68,7 @@ def test_blur_removes_high_frequencies_and_keeps_the_mean(channels):
   image = _image(channels, 224, 224)
 
   def roughness(x):
-    return np.mean(np.diff(x.astype(np.float64), axis=1)**2)
+    return np.mean(np.diff(x.astype(np.float64), axis=1) ** 2)
 
   for seed in range(5):
     out = _only(image, seed, blur_prob=1.0)
@@ -75,12 +76,11 @@ def test_blur_removes_high_frequencies_and_keeps_the_mean(channels):
     assert np.abs(out.mean(axis=(0, 1)) - image.mean(axis=(0, 1))).max() <= 1.0
 
 
-@pytest.mark.parametrize("height, width, expected", [(224, 224, 7.0), (32, 32, 1.0),
-                                                      (32, 64, 1.0)])
+@pytest.mark.parametrize("height, width, expected", [(224, 224, 7.0), (32, 32, 1.0), (32, 64, 1.0)])
 def test_blur_sigma_scales_with_the_short_side(height, width, expected):
   # A vertical step edge: its blurred profile has the kernel's spread.
   edge = np.zeros((height, width, 1), np.uint8)
-  edge[:, width // 2:] = 250
+  edge[:, width // 2 :] = 250
   out = _only(edge, 0, blur_prob=1.0, blur_sigma=(7.0, 7.0))
   assert _edge_sigma(out[height // 2, :, 0]) == pytest.approx(expected, rel=0.05)
   # Along the edge nothing changes.
@@ -97,8 +97,13 @@ def test_ops_apply_in_order_with_the_documented_draws():
     expected = expected.filter(ImageFilter.GaussianBlur(rng.uniform(0.1, 2.0) * 40 / 224))
     expected = ImageOps.solarize(expected, 128)
     out = photometric.small_data_augment(
-        image, np.random.default_rng(seed), color_jitter_prob=1.0, grayscale_prob=1.0,
-        blur_prob=1.0, solarize_prob=1.0)
+      image,
+      np.random.default_rng(seed),
+      color_jitter_prob=1.0,
+      grayscale_prob=1.0,
+      blur_prob=1.0,
+      solarize_prob=1.0,
+    )
     np.testing.assert_array_equal(out, np.asarray(expected))
 
 
@@ -116,17 +121,18 @@ def test_each_op_applies_at_its_probability():
   image = _image(height=16, width=16)
   num_draws = 2000
   applied = {
-      "color_jitter_prob": lambda out: not np.array_equal(out, image),
-      "grayscale_prob": lambda out: (out == out[..., :1]).all(),
-      "blur_prob": lambda out: not np.array_equal(out, image),
-      "solarize_prob": lambda out: not np.array_equal(out, image),
+    "color_jitter_prob": lambda out: not np.array_equal(out, image),
+    "grayscale_prob": lambda out: (out == out[..., :1]).all(),
+    "blur_prob": lambda out: not np.array_equal(out, image),
+    "solarize_prob": lambda out: not np.array_equal(out, image),
   }
   defaults = dict(color_jitter_prob=0.8, grayscale_prob=0.2, blur_prob=0.5, solarize_prob=0.2)
   for key, prob in defaults.items():
     # Blur sigmas of 0.5 to 2 pixels of this image: each blur changes it.
-    hits = [applied[key](_only(image, seed, **{key: prob}, blur_sigma=(0.5, 2.0),
-                                 blur_reference_size=16))
-            for seed in range(num_draws)]
+    hits = [
+      applied[key](_only(image, seed, **{key: prob}, blur_sigma=(0.5, 2.0), blur_reference_size=16))
+      for seed in range(num_draws)
+    ]
     assert abs(np.mean(hits) - prob) < 4 * np.sqrt(prob * (1 - prob) / num_draws), key
 
 
@@ -142,34 +148,50 @@ def test_same_generator_state_same_result(channels):
   # A flipped view, as the pipeline's flip makes, gives the same as its copy.
   view = image[:, ::-1]
   np.testing.assert_array_equal(
-      photometric.small_data_augment(view, np.random.default_rng(0)),
-      photometric.small_data_augment(view.copy(), np.random.default_rng(0)))
+    photometric.small_data_augment(view, np.random.default_rng(0)),
+    photometric.small_data_augment(view.copy(), np.random.default_rng(0)),
+  )
 
 
 def _config(**overrides):
-  return ml_collections.ConfigDict({
-      "color_jitter": 0.4, "color_jitter_prob": 0.8, "grayscale_prob": 0.2,
-      "blur_prob": 0.5, "solarize_prob": 0.2, "mixup": 0.8, **overrides})
+  return ml_collections.ConfigDict(
+    {
+      "color_jitter": 0.4,
+      "color_jitter_prob": 0.8,
+      "grayscale_prob": 0.2,
+      "blur_prob": 0.5,
+      "solarize_prob": 0.2,
+      "mixup": 0.8,
+      **overrides,
+    }
+  )
 
 
 def test_make_augment_fn():
   fn = photometric.make_augment_fn(_config(color_jitter=0.2, solarize_prob=1.0))
   image = _image()
   np.testing.assert_array_equal(
-      fn(image, np.random.default_rng(3)),
-      photometric.small_data_augment(image, np.random.default_rng(3), color_jitter=0.2,
-                                     solarize_prob=1.0))
+    fn(image, np.random.default_rng(3)),
+    photometric.small_data_augment(
+      image, np.random.default_rng(3), color_jitter=0.2, solarize_prob=1.0
+    ),
+  )
   assert photometric.make_augment_fn(_config(**_OFF)) is None
-  assert photometric.make_augment_fn(_config(**{**_OFF, "color_jitter_prob": 1.0},
-                                             color_jitter=0.0)) is None
+  assert (
+    photometric.make_augment_fn(_config(**{**_OFF, "color_jitter_prob": 1.0}, color_jitter=0.0))
+    is None
+  )
   assert photometric.make_augment_fn(_config(**{**_OFF, "blur_prob": 0.1})) is not None
 
 
-@pytest.mark.parametrize("overrides, pattern", [
+@pytest.mark.parametrize(
+  "overrides, pattern",
+  [
     ({"grayscale_prob": 1.5}, r"config\.augment\.grayscale_prob .*\[0\.0, 1\.0\]"),
     ({"blur_prob": -0.1}, r"config\.augment\.blur_prob"),
     ({"color_jitter": -1.0}, r"config\.augment\.color_jitter .*\[0\.0, inf\]"),
-])
+  ],
+)
 def test_make_augment_fn_rejects_bad_values(overrides, pattern):
   with pytest.raises(ValueError, match=pattern):
     photometric.make_augment_fn(_config(**overrides))

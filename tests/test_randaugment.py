@@ -1,12 +1,13 @@
-"""Tests for splitmask_jax.randaugment: op arguments against PIL and NumPy references."""
+"""Tests for splitmask_jax.data.randaugment: op arguments against PIL and NumPy references."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image
+from PIL import ImageOps
 
-from splitmask_jax import randaugment
+from splitmask_jax.data import randaugment
 
 BICUBIC = Image.Resampling.BICUBIC
 
@@ -26,9 +27,15 @@ def _array(pil, channels):
 
 def _one_op(image, name, seed=0, magnitude=9.0):
   """The op `name` alone, always applied, at a fixed level."""
-  return randaugment.rand_augment(image, np.random.default_rng(seed), num_ops=1,
-                                  magnitude=magnitude, magnitude_std=0.0, prob=1.0,
-                                  ops=(name,))
+  return randaugment.rand_augment(
+    image,
+    np.random.default_rng(seed),
+    num_ops=1,
+    magnitude=magnitude,
+    magnitude_std=0.0,
+    prob=1.0,
+    ops=(name,),
+  )
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -63,22 +70,28 @@ def test_no_op_drawn_or_applied_is_identity(channels):
   image = _image(channels)
   for seed in range(5):
     for kwargs in ({"prob": 0.0}, {"num_ops": 0}):
-      out = randaugment.rand_augment(image, np.random.default_rng(seed), magnitude=10.0,
-                                     **kwargs)
+      out = randaugment.rand_augment(image, np.random.default_rng(seed), magnitude=10.0, **kwargs)
       np.testing.assert_array_equal(out, image)
       assert out is not image
 
 
 def test_prob_and_num_ops():
   image = _image(1)
-  inverted = [not np.array_equal(randaugment.rand_augment(
-      image, np.random.default_rng(seed), num_ops=1, prob=0.5, ops=("Invert",)), image)
-              for seed in range(400)]
+  inverted = [
+    not np.array_equal(
+      randaugment.rand_augment(
+        image, np.random.default_rng(seed), num_ops=1, prob=0.5, ops=("Invert",)
+      ),
+      image,
+    )
+    for seed in range(400)
+  ]
   assert abs(np.mean(inverted) - 0.5) < 0.1
   # Ops chain: Invert twice is the identity, three times an inversion.
   for num_ops, expected in ((2, image), (3, 255 - image)):
-    out = randaugment.rand_augment(image, np.random.default_rng(0), num_ops=num_ops, prob=1.0,
-                                   ops=("Invert",))
+    out = randaugment.rand_augment(
+      image, np.random.default_rng(0), num_ops=num_ops, prob=1.0, ops=("Invert",)
+    )
     np.testing.assert_array_equal(out, expected)
 
 
@@ -87,13 +100,16 @@ def test_solarize_posterize_solarize_add_arguments(channels):
   image = _image(channels)
   pil = _pil(image)
   # Solarize (increasing): threshold 256 - int(0.9 * 256) = 26 at magnitude 9.
-  np.testing.assert_array_equal(_one_op(image, "Solarize"),
-                                _array(ImageOps.solarize(pil, 26), channels))
+  np.testing.assert_array_equal(
+    _one_op(image, "Solarize"), _array(ImageOps.solarize(pil, 26), channels)
+  )
   # Posterize (increasing): 4 - int(0.9 * 4) = 1 bit at magnitude 9, 4 at 0, none at 10.
-  np.testing.assert_array_equal(_one_op(image, "Posterize"),
-                                _array(ImageOps.posterize(pil, 1), channels))
-  np.testing.assert_array_equal(_one_op(image, "Posterize", magnitude=0.0),
-                                _array(ImageOps.posterize(pil, 4), channels))
+  np.testing.assert_array_equal(
+    _one_op(image, "Posterize"), _array(ImageOps.posterize(pil, 1), channels)
+  )
+  np.testing.assert_array_equal(
+    _one_op(image, "Posterize", magnitude=0.0), _array(ImageOps.posterize(pil, 4), channels)
+  )
   np.testing.assert_array_equal(_one_op(image, "Posterize", magnitude=10.0), 0 * image)
   # SolarizeAdd: int(0.9 * 110) = 99 added below 128.
   expected = np.where(image < 128, np.minimum(image.astype(int) + 99, 255), image)
@@ -105,8 +121,10 @@ def test_rotate_angle_and_fill(channels):
   image = _image(channels)
   fill = 128 if channels == 1 else (124, 116, 104)
   # 0.9 * 30 = 27 degrees, either way.
-  candidates = {sign: _array(_pil(image).rotate(sign * 27.0, resample=BICUBIC, fillcolor=fill),
-                             channels) for sign in (1, -1)}
+  candidates = {
+    sign: _array(_pil(image).rotate(sign * 27.0, resample=BICUBIC, fillcolor=fill), channels)
+    for sign in (1, -1)
+  }
   signs = set()
   for seed in range(12):
     out = _one_op(image, "Rotate", seed=seed)
@@ -130,8 +148,9 @@ def test_translate_shifts_whole_pixels_and_fills_mean_grey():
     seen = set()
     for seed in range(12):
       out = _one_op(image[..., None], name, seed=seed, magnitude=10.0)[..., 0]
-      seen |= {sign for sign in (1, -1)
-               if np.array_equal(out, _shifted(image, axis, sign * pixels, 128))}
+      seen |= {
+        sign for sign in (1, -1) if np.array_equal(out, _shifted(image, axis, sign * pixels, 128))
+      }
     assert seen == {1, -1}, name
 
 
@@ -139,8 +158,10 @@ def test_brightness_factor_against_float64_reference():
   image = _image(3)
   outs = {tuple(_one_op(image, "Brightness", seed=seed).ravel()) for seed in range(12)}
   # 1 +- 0.9 * 9 / 10; PIL blends in float and truncates.
-  expected = {tuple(np.clip(np.floor(image.astype(np.float64) * factor), 0, 255)
-                    .astype(np.uint8).ravel()) for factor in (1.81, 0.19)}
+  expected = {
+    tuple(np.clip(np.floor(image.astype(np.float64) * factor), 0, 255).astype(np.uint8).ravel())
+    for factor in (1.81, 0.19)
+  }
   assert outs == expected
 
 
@@ -150,8 +171,9 @@ def test_invert_and_autocontrast_match_pil(channels):
   pil = _pil(image)
   np.testing.assert_array_equal(_one_op(image, "Invert"), 255 - image)
   np.testing.assert_array_equal(_one_op(image, "Invert"), _array(ImageOps.invert(pil), channels))
-  np.testing.assert_array_equal(_one_op(image, "AutoContrast"),
-                                _array(ImageOps.autocontrast(pil), channels))
+  np.testing.assert_array_equal(
+    _one_op(image, "AutoContrast"), _array(ImageOps.autocontrast(pil), channels)
+  )
 
 
 def test_magnitude_std_draws_levels_around_the_mean():
@@ -159,8 +181,15 @@ def test_magnitude_std_draws_levels_around_the_mean():
   ramp = np.arange(256, dtype=np.uint8).reshape(16, 16, 1)
   thresholds = []
   for seed in range(200):
-    out = randaugment.rand_augment(ramp, np.random.default_rng(seed), num_ops=1, magnitude=5.0,
-                                   magnitude_std=1.0, prob=1.0, ops=("Solarize",))
+    out = randaugment.rand_augment(
+      ramp,
+      np.random.default_rng(seed),
+      num_ops=1,
+      magnitude=5.0,
+      magnitude_std=1.0,
+      prob=1.0,
+      ops=("Solarize",),
+    )
     changed = np.nonzero(out.ravel() != ramp.ravel())[0]
     thresholds.append(changed[0] if len(changed) else 256)
   levels = (256 - np.array(thresholds)) / 25.6
@@ -172,7 +201,8 @@ def test_color_jitter_strength_zero_is_identity(channels):
   image = _image(channels)
   for seed in range(5):
     np.testing.assert_array_equal(
-        randaugment.color_jitter(image, np.random.default_rng(seed), strength=0.0), image)
+      randaugment.color_jitter(image, np.random.default_rng(seed), strength=0.0), image
+    )
 
 
 def test_color_jitter_matches_float64_reference_on_greyscale():
@@ -199,19 +229,27 @@ def test_color_jitter_matches_float64_reference_on_greyscale():
 def test_color_jitter_brightness_range_on_constant_image():
   # Contrast and saturation leave a constant grey image unchanged: only brightness acts.
   image = np.full((4, 4, 1), 150, np.uint8)  # 1.4 * 150 stays below 255
-  values = np.array([randaugment.color_jitter(image, np.random.default_rng(seed))[0, 0, 0]
-                     for seed in range(400)])
+  values = np.array(
+    [randaugment.color_jitter(image, np.random.default_rng(seed))[0, 0, 0] for seed in range(400)]
+  )
   factors = values / 150.0
   assert factors.min() >= 0.6 - 1e-9 and factors.max() <= 1.4
   assert factors.min() < 0.62 and factors.max() > 1.37 and abs(factors.mean() - 1.0) < 0.03
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    ({"num_ops": -1}, "num_ops"), ({"num_ops": 1.5}, "num_ops"),
-    ({"magnitude": 10.5}, "magnitude"), ({"magnitude_std": -0.1}, "magnitude_std"),
-    ({"magnitude_std": float("inf")}, "magnitude_std"), ({"prob": 1.1}, "prob"),
-    ({"ops": ("Cutout",)}, "ops"), ({"ops": ()}, "ops"),
-])
+@pytest.mark.parametrize(
+  "kwargs, name",
+  [
+    ({"num_ops": -1}, "num_ops"),
+    ({"num_ops": 1.5}, "num_ops"),
+    ({"magnitude": 10.5}, "magnitude"),
+    ({"magnitude_std": -0.1}, "magnitude_std"),
+    ({"magnitude_std": float("inf")}, "magnitude_std"),
+    ({"prob": 1.1}, "prob"),
+    ({"ops": ("Cutout",)}, "ops"),
+    ({"ops": ()}, "ops"),
+  ],
+)
 def test_rand_augment_rejects_bad_arguments(kwargs, name):
   with pytest.raises(ValueError, match=name):
     randaugment.rand_augment(_image(1), np.random.default_rng(0), **kwargs)
@@ -219,8 +257,11 @@ def test_rand_augment_rejects_bad_arguments(kwargs, name):
 
 @pytest.mark.parametrize("augment", [randaugment.rand_augment, randaugment.color_jitter])
 def test_bad_image_or_rng_is_rejected(augment):
-  for image in (np.zeros((8, 8), np.uint8), np.zeros((8, 8, 4), np.uint8),
-                np.zeros((8, 8, 3), np.float32)):
+  for image in (
+    np.zeros((8, 8), np.uint8),
+    np.zeros((8, 8, 4), np.uint8),
+    np.zeros((8, 8, 3), np.float32),
+  ):
     with pytest.raises(ValueError, match="image"):
       augment(image, np.random.default_rng(0))
   with pytest.raises(ValueError, match="rng"):

@@ -23,16 +23,19 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from splitmask_jax import checkpointing
 from splitmask_jax import config_base
-from splitmask_jax import datasets
-from splitmask_jax import input_pipeline
-from splitmask_jax import metric_log
 from splitmask_jax import objectives
-from splitmask_jax import preemption
 from splitmask_jax import train
 from splitmask_jax import train_step as train_step_lib
-from helpers import CONFIG_FILE, ROOT, load_config
+from splitmask_jax.data import datasets
+from splitmask_jax.data import input_pipeline
+from splitmask_jax.runtime import checkpointing
+from splitmask_jax.runtime import metric_log
+from splitmask_jax.runtime import preemption
+
+from helpers import CONFIG_FILE
+from helpers import ROOT
+from helpers import load_config
 
 DATASET = "unreadable_images"
 NUM_TRAIN, NUM_TEST = 96, 32
@@ -62,14 +65,22 @@ class _UnreadableImages(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     return None
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(28, 28, 1)),
-        "label": tfds.features.ClassLabel(num_classes=10)}))
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(28, 28, 1)),
+          "label": tfds.features.ClassLabel(num_classes=10),
+        }
+      ),
+    )
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    return {"train": self._generate_examples(NUM_TRAIN, UNREADABLE_TRAIN, seed=0),
-            "test": self._generate_examples(NUM_TEST, UNREADABLE_TEST, seed=1)}
+    return {
+      "train": self._generate_examples(NUM_TRAIN, UNREADABLE_TRAIN, seed=0),
+      "test": self._generate_examples(NUM_TEST, UNREADABLE_TEST, seed=1),
+    }
 
   def _generate_examples(self, count, unreadable, seed):
     rng = np.random.default_rng(seed)
@@ -86,7 +97,8 @@ class _UnreadableImages(tfds.core.GeneratorBasedBuilder, skip_registration=True)
 def data_dir(tmp_path_factory):
   directory = tmp_path_factory.mktemp("tfds")
   _UnreadableImages(data_dir=str(directory)).download_and_prepare(
-      file_format=tfds.core.FileFormat.ARRAY_RECORD)
+    file_format=tfds.core.FileFormat.ARRAY_RECORD
+  )
   return directory
 
 
@@ -105,9 +117,16 @@ def _overrides(data_dir, **extra):
   """The run's config keys beyond the `test` variant, as `--config.key` would set them."""
   # One device: the sharded paths are tested in test_train.py, and a one-device
   # step compiles in less time.
-  overrides = {"data.dataset": DATASET, "data.data_dir": str(data_dir), "mesh.data": 1,
-               "num_steps": NUM_STEPS, "log_every": 1, "eval_every": 1000,
-               "checkpoint_every": 1000, "knn.enabled": False}
+  overrides = {
+    "data.dataset": DATASET,
+    "data.data_dir": str(data_dir),
+    "mesh.data": 1,
+    "num_steps": NUM_STEPS,
+    "log_every": 1,
+    "eval_every": 1000,
+    "checkpoint_every": 1000,
+    "knn.enabled": False,
+  }
   overrides.update(extra)
   return overrides
 
@@ -120,8 +139,7 @@ def _config(data_dir, arg="test", **extra):
 
 def _cli(workdir, data_dir, script=("-m", "splitmask_jax.main"), **extra):
   flags = [f"--config.{k}={v}" for k, v in _overrides(data_dir, **extra).items()]
-  return [sys.executable, *script, f"--config={CONFIG_FILE}:test",
-          f"--workdir={workdir}", *flags]
+  return [sys.executable, *script, f"--config={CONFIG_FILE}:test", f"--workdir={workdir}", *flags]
 
 
 def _train_records(workdir):
@@ -151,9 +169,11 @@ def _steps(checkpoints):
 def _spy_restored_steps(monkeypatch):
   steps = []
   restore = checkpointing.Checkpointer.restore
+
   def spy(self, step, state_like, data_iterator):
     steps.append(step)
     return restore(self, step, state_like, data_iterator)
+
   monkeypatch.setattr(checkpointing.Checkpointer, "restore", spy)
   return steps
 
@@ -172,11 +192,15 @@ def test_unreadable_images_are_skipped_counted_and_deterministic(data_dir):
   bad = set(_unreadable_indices(source))
   assert len(bad) == len(UNREADABLE_TRAIN)
   steps, batch_size = 9, 32  # three epochs
+
   def batches():
-    it = iter(input_pipeline.pretrain_dataset(
-        source, batch_size=batch_size, image_size=16, mask_fn=None, seed=3,
-        count_skipped=True))
+    it = iter(
+      input_pipeline.pretrain_dataset(
+        source, batch_size=batch_size, image_size=16, mask_fn=None, seed=3, count_skipped=True
+      )
+    )
     return [next(it) for _ in range(steps)]
+
   first, second = batches(), batches()
   for a, b in zip(first, second):
     np.testing.assert_array_equal(a["image"], b["image"])
@@ -191,29 +215,32 @@ def test_unreadable_images_are_skipped_counted_and_deterministic(data_dir):
     while (index + skipped) % len(source) in bad:
       skipped += 1
     expected.append(skipped)
-  np.testing.assert_array_equal(np.concatenate([b["skipped_images"] for b in first]),
-                                expected)
+  np.testing.assert_array_equal(np.concatenate([b["skipped_images"] for b in first]), expected)
   # Three epochs pass each unreadable record three times (more if two are adjacent).
   assert sum(expected) >= 3 * len(bad)
 
   test_source = datasets.load_source(DATASET, "test", str(data_dir))
   [bad_test] = _unreadable_indices(test_source)
-  valid = np.concatenate([b["valid"] for b in input_pipeline.eval_dataset(
-      test_source, batch_size=8, image_size=16)])
+  valid = np.concatenate(
+    [b["valid"] for b in input_pipeline.eval_dataset(test_source, batch_size=8, image_size=16)]
+  )
   assert np.flatnonzero(~valid).tolist() == [bad_test]
 
 
 def test_sigterm_saves_exits_42_and_restart_matches_unbroken_run(
-    data_dir, reference, tmp_path, monkeypatch):
+  data_dir, reference, tmp_path, monkeypatch
+):
   _, expected = reference
   workdir = tmp_path / "run"
   with open(tmp_path / "log.txt", "w") as log:
-    process = subprocess.Popen(_cli(workdir, data_dir), cwd=ROOT, stdout=log,
-                               stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+      _cli(workdir, data_dir), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+    )
     try:
       metrics = workdir / metric_log.METRICS_FILE
-      _wait_for(lambda: metrics.exists() and max(_train_records(workdir), default=0) >= 2,
-                process, "step 2")
+      _wait_for(
+        lambda: metrics.exists() and max(_train_records(workdir), default=0) >= 2, process, "step 2"
+      )
       process.send_signal(signal.SIGTERM)
       assert process.wait(timeout=120) == preemption.EXIT_CODE
     finally:
@@ -231,17 +258,25 @@ def test_sigterm_saves_exits_42_and_restart_matches_unbroken_run(
 
 
 def test_sigkill_during_a_save_keeps_the_previous_checkpoint(
-    data_dir, reference, tmp_path, monkeypatch):
+  data_dir, reference, tmp_path, monkeypatch
+):
   _, expected = reference
   workdir = tmp_path / "run"
   checkpoints = workdir / "checkpoints"
   partial = checkpoints / "8.orbax-checkpoint-tmp"
   with open(tmp_path / "log.txt", "w") as log:
     process = subprocess.Popen(
-        _cli(workdir, data_dir, script=(str(ROOT / "tests" / "stalled_commit_main.py"),),
-             checkpoint_every=4),
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-        env=dict(os.environ, PYTHONPATH=str(ROOT), STALL_COMMIT_STEP="8"))
+      _cli(
+        workdir,
+        data_dir,
+        script=(str(ROOT / "tests" / "stalled_commit_main.py"),),
+        checkpoint_every=4,
+      ),
+      cwd=ROOT,
+      stdout=log,
+      stderr=subprocess.STDOUT,
+      env=dict(os.environ, PYTHONPATH=str(ROOT), STALL_COMMIT_STEP="8"),
+    )
     try:
       _wait_for(partial.exists, process, "the save of step 8")
       process.send_signal(signal.SIGKILL)
@@ -275,21 +310,27 @@ def _poison_steps(monkeypatch, seed, steps):
   before it), so the loss function recognises those updates by their key.
   """
   build = objectives.build_loss_fn
+
   def build_poisoned(*args, **kwargs):
     loss_fn = build(*args, **kwargs)
+
     def poisoned(params, batch, codebook, rng, *, train):
       loss, metrics = loss_fn(params, batch, codebook, rng, train=train)
       keys = [jax.random.fold_in(jax.random.PRNGKey(seed), s - 1) for s in steps]
-      hit = jnp.any(jnp.stack([jnp.all(jax.random.key_data(rng) == jax.random.key_data(k))
-                               for k in keys]))
+      hit = jnp.any(
+        jnp.stack([jnp.all(jax.random.key_data(rng) == jax.random.key_data(k)) for k in keys])
+      )
       factor = jnp.where(hit, jnp.nan, 1.0)
       return loss * factor, {k: v * factor for k, v in metrics.items()}
+
     return poisoned
+
   monkeypatch.setattr(objectives, "build_loss_fn", build_poisoned)
 
 
 def test_nan_stops_the_run_naming_the_step_and_keeps_the_checkpoint(
-    data_dir, tmp_path, monkeypatch):
+  data_dir, tmp_path, monkeypatch
+):
   config = _config(data_dir, num_steps=12, log_every=4, checkpoint_every=4)
   _poison_steps(monkeypatch, config.seed, [6])
   workdir = tmp_path / "run"
@@ -308,14 +349,24 @@ def test_nan_stops_the_run_naming_the_step_and_keeps_the_checkpoint(
 
 
 def test_skip_nonfinite_updates_skips_counts_and_gives_up_after_too_many(
-    data_dir, tmp_path, monkeypatch):
-  config = _config(data_dir, num_steps=12, log_every=4, checkpoint_every=4,
-                   skip_nonfinite_updates=True, max_consecutive_skips=2)
+  data_dir, tmp_path, monkeypatch
+):
+  config = _config(
+    data_dir,
+    num_steps=12,
+    log_every=4,
+    checkpoint_every=4,
+    skip_nonfinite_updates=True,
+    max_consecutive_skips=2,
+  )
   # Step 2 is skipped; of steps 6, 7, 8 in a row the third is applied.
   _poison_steps(monkeypatch, config.seed, [2, 6, 7, 8])
   workdir = tmp_path / "run"
-  with pytest.raises(FloatingPointError, match=r"Non-finite loss or gradient at step 8: "
-                     r".*loss=nan.*The run stopped at step 8"):
+  with pytest.raises(
+    FloatingPointError,
+    match=r"Non-finite loss or gradient at step 8: "
+    r".*loss=nan.*The run stopped at step 8",
+  ):
     train.train_and_evaluate(config, str(workdir))
   [record] = _train_records(workdir).values()
   # Steps 1, 3 and 4 make the mean, without the skipped step 2.
@@ -326,26 +377,38 @@ def test_skip_nonfinite_updates_skips_counts_and_gives_up_after_too_many(
 
 def _fails_before_any_work(monkeypatch):
   """Makes any step past the config checks fail the test."""
+
   def too_late(*args, **kwargs):
     raise AssertionError("the config was accepted: the run went on to read data")
+
   monkeypatch.setattr(datasets, "prepare_dataset", too_late)
   monkeypatch.setattr(train_step_lib, "init_train_state", too_late)
 
 
-@pytest.mark.parametrize("arg, overrides, pattern", [
-    ("test", {"model.image_size": 30},
-     r"config.model.image_size=30 is invalid: it must be a positive multiple of the "
-     r"patch size 8"),
-    ("beit,test", {"masking.ratio": 1.0},
-     r"config.masking.ratio=1.0 is invalid: it must lie in \(0, 1\)"),
+@pytest.mark.parametrize(
+  "arg, overrides, pattern",
+  [
+    (
+      "test",
+      {"model.image_size": 30},
+      r"config.model.image_size=30 is invalid: it must be a positive multiple of the "
+      r"patch size 8",
+    ),
+    (
+      "beit,test",
+      {"masking.ratio": 1.0},
+      r"config.masking.ratio=1.0 is invalid: it must lie in \(0, 1\)",
+    ),
     ("test", {"masking.ratio": 0.0}, r"config.masking.ratio=0.0 is invalid"),
-    ("test", {"batch_size": 12, "mesh.data": 8},
-     r"config.batch_size=12 is invalid: .*divisible"),
-    ("test", {"max_consecutive_skips": 0},
-     r"config.max_consecutive_skips=0 is invalid: it must be positive"),
-])
-def test_bad_values_fail_before_any_work(arg, overrides, pattern, data_dir, tmp_path,
-                                         monkeypatch):
+    ("test", {"batch_size": 12, "mesh.data": 8}, r"config.batch_size=12 is invalid: .*divisible"),
+    (
+      "test",
+      {"max_consecutive_skips": 0},
+      r"config.max_consecutive_skips=0 is invalid: it must be positive",
+    ),
+  ],
+)
+def test_bad_values_fail_before_any_work(arg, overrides, pattern, data_dir, tmp_path, monkeypatch):
   assert jax.device_count() == 8  # batch_size 12 cannot be split over 8 devices
   _fails_before_any_work(monkeypatch)
   with pytest.raises(ValueError, match=pattern):
@@ -356,14 +419,27 @@ def test_keys_outside_the_schema_fail(data_dir, tmp_path, monkeypatch):
   _fails_before_any_work(monkeypatch)
   config = _config(data_dir)
   config.model.depth = 12  # a config file adding a key the schema lacks
-  with pytest.raises(ValueError, match=r"config.model.depth is not a key of the config "
-                     r"schema .* allowed keys in config.model are \['decoder_depth', "):
+  with pytest.raises(
+    ValueError,
+    match=r"config.model.depth is not a key of the config "
+    r"schema .* allowed keys in config.model are \['decoder_depth', ",
+  ):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   # On the command line, ml_collections rejects the key while parsing flags.
   result = subprocess.run(
-      [sys.executable, "-m", "splitmask_jax.main", f"--config={CONFIG_FILE}:test",
-       f"--workdir={tmp_path / 'cli'}", "--config.model.varient=Mini/8"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      "-m",
+      "splitmask_jax.main",
+      f"--config={CONFIG_FILE}:test",
+      f"--workdir={tmp_path / 'cli'}",
+      "--config.model.varient=Mini/8",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode != 0
   assert 'Did you mean "variant" instead of "varient"' in result.stderr
   assert not (tmp_path / "cli").exists()
@@ -373,18 +449,32 @@ def test_workdir_of_another_config_is_refused(data_dir, reference, tmp_path, mon
   workdir = tmp_path / "run"
   shutil.copytree(reference[0], workdir)
   _fails_before_any_work(monkeypatch)
-  with pytest.raises(ValueError, match=r"holds a run of another config \(masking.ratio: "
-                     r"0.5 -> 0.6; seed: 0 -> 1\).*--allow_config_change"):
-    train.train_and_evaluate(_config(data_dir, **{"masking.ratio": 0.6, "seed": 1}),
-                             str(workdir))
+  with pytest.raises(
+    ValueError,
+    match=r"holds a run of another config \(masking.ratio: "
+    r"0.5 -> 0.6; seed: 0 -> 1\).*--allow_config_change",
+  ):
+    train.train_and_evaluate(_config(data_dir, **{"masking.ratio": 0.6, "seed": 1}), str(workdir))
   # Told to resume anyway, a codebook of another size still cannot be restored.
-  with pytest.raises(ValueError, match=r"config.tokenizer.vocab_size=32 is invalid: the "
-                     r"checkpoint of step 40 in .* holds a codebook of 64 visual words, "
-                     r"so the allowed value is 64"):
-    train.train_and_evaluate(_config(data_dir, **{"tokenizer.vocab_size": 32}),
-                             str(workdir), allow_config_change=True)
+  with pytest.raises(
+    ValueError,
+    match=r"config.tokenizer.vocab_size=32 is invalid: the "
+    r"checkpoint of step 40 in .* holds a codebook of 64 visual words, "
+    r"so the allowed value is 64",
+  ):
+    train.train_and_evaluate(
+      _config(data_dir, **{"tokenizer.vocab_size": 32}), str(workdir), allow_config_change=True
+    )
   # Keys that do not change what the run computes may change on resume.
   saved = json.loads((workdir / train.CONFIG_FILE).read_text())
-  assert not config_base.resume_conflicts(saved, _config(
-      data_dir, log_every=5, eval_every=7, checkpoint_every=9, skip_nonfinite_updates=True,
-      **{"data.num_workers": 2, "knn.enabled": True, "mesh.data": 4}))
+  assert not config_base.resume_conflicts(
+    saved,
+    _config(
+      data_dir,
+      log_every=5,
+      eval_every=7,
+      checkpoint_every=9,
+      skip_nonfinite_updates=True,
+      **{"data.num_workers": 2, "knn.enabled": True, "mesh.data": 4},
+    ),
+  )

@@ -13,11 +13,11 @@ def _reference_tokens(patches, codebook):
   x = np.asarray(patches, np.float64).reshape(-1, codebook.shape[1])
   e = np.asarray(codebook, np.float64)
   cos = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (
-      e / np.linalg.norm(e, axis=1, keepdims=True)).T
+    e / np.linalg.norm(e, axis=1, keepdims=True)
+  ).T
   top2 = np.sort(cos, axis=1)[:, -2:]
   shape = np.shape(patches)[:-1]
-  return (np.argmax(cos, axis=1).reshape(shape),
-          (top2[:, 1] - top2[:, 0]).reshape(shape))
+  return (np.argmax(cos, axis=1).reshape(shape), (top2[:, 1] - top2[:, 0]).reshape(shape))
 
 
 def _patches_reference(images, p):
@@ -25,32 +25,35 @@ def _patches_reference(images, p):
   out = np.zeros((b, (h // p) * (w // p), p * p * c), images.dtype)
   for i in range(h // p):
     for j in range(w // p):
-      block = images[:, i * p:(i + 1) * p, j * p:(j + 1) * p, :]
+      block = images[:, i * p : (i + 1) * p, j * p : (j + 1) * p, :]
       out[:, i * (w // p) + j] = block.reshape(b, -1)  # (row, col, channel)
   return out
 
 
-@pytest.mark.parametrize('grid,token_patch,channels', [
-    ((2, 3), 4, 3), ((4, 4), 2, 1), ((3, 2), 8, 3)])
+@pytest.mark.parametrize(
+  "grid,token_patch,channels", [((2, 3), 4, 3), ((4, 4), 2, 1), ((3, 2), 8, 3)]
+)
 def test_tokenizer_patches_without_resize(grid, token_patch, channels):
   rng = np.random.default_rng(0)
-  images = rng.uniform(-1, 1, (2, grid[0] * token_patch, grid[1] * token_patch,
-                               channels)).astype(np.float32)
+  images = rng.uniform(-1, 1, (2, grid[0] * token_patch, grid[1] * token_patch, channels)).astype(
+    np.float32
+  )
   got = tokenizers.tokenizer_patches(images, grid, token_patch)
   assert got.dtype == jnp.float32
-  assert got.shape == (2, grid[0] * grid[1],
-                       tokenizers.codebook_dim(token_patch, channels))
-  np.testing.assert_array_equal(np.asarray(got),
-                                _patches_reference(images, token_patch))
+  assert got.shape == (2, grid[0] * grid[1], tokenizers.codebook_dim(token_patch, channels))
+  np.testing.assert_array_equal(np.asarray(got), _patches_reference(images, token_patch))
 
 
-@pytest.mark.parametrize('size,grid,token_patch', [
-    (28, (7, 7), 2),     # downsample 28 -> 14
-    (28, (7, 7), 8),     # upsample 28 -> 56
-    (32, (4, 2), 4)])    # anisotropic 32x32 -> 16x8
+@pytest.mark.parametrize(
+  "size,grid,token_patch",
+  [
+    (28, (7, 7), 2),  # downsample 28 -> 14
+    (28, (7, 7), 8),  # upsample 28 -> 56
+    (32, (4, 2), 4),
+  ],
+)  # anisotropic 32x32 -> 16x8
 def test_tokenizer_patches_resize_shape_and_constant(size, grid, token_patch):
-  images = np.stack([np.full((size, size, 3), v, np.float32)
-                     for v in (-1.0, 0.25, 1.0)])
+  images = np.stack([np.full((size, size, 3), v, np.float32) for v in (-1.0, 0.25, 1.0)])
   got = np.asarray(tokenizers.tokenizer_patches(images, grid, token_patch))
   assert got.shape == (3, grid[0] * grid[1], token_patch**2 * 3)
   for i, v in enumerate((-1.0, 0.25, 1.0)):
@@ -66,18 +69,15 @@ def test_tokenizer_patches_resize_averages_down():
   assert np.abs(got).max() < 0.5
 
 
-@pytest.mark.parametrize('batch_shape,token_patch,channels,vocab', [
-    ((3, 16), 4, 3, 1024),
-    ((64,), 8, 1, 512),
-    ((2, 4, 9), 2, 1, 37),
-    ((5, 49), 4, 1, 1024)])
-def test_tokenize_matches_float64_reference(batch_shape, token_patch, channels,
-                                            vocab):
+@pytest.mark.parametrize(
+  "batch_shape,token_patch,channels,vocab",
+  [((3, 16), 4, 3, 1024), ((64,), 8, 1, 512), ((2, 4, 9), 2, 1, 37), ((5, 49), 4, 1, 1024)],
+)
+def test_tokenize_matches_float64_reference(batch_shape, token_patch, channels, vocab):
   dim = tokenizers.codebook_dim(token_patch, channels)
   rng = np.random.default_rng(sum(batch_shape) + vocab)
   patches = rng.uniform(-1, 1, batch_shape + (dim,)).astype(np.float32)
-  codebook = tokenizers.random_projection_codebook(
-      jax.random.key(vocab), vocab, dim)
+  codebook = tokenizers.random_projection_codebook(jax.random.key(vocab), vocab, dim)
   got = np.asarray(tokenizers.tokenize(jnp.asarray(patches), codebook))
   want, margin = _reference_tokens(patches, np.asarray(codebook))
   assert got.dtype == np.int32 and got.shape == batch_shape
@@ -104,8 +104,7 @@ def test_tokenize_on_image_patches_and_zero_patch():
 
 def test_tokenize_jits_with_paper_vocabulary():
   codebook = tokenizers.random_projection_codebook(jax.random.key(0), 8192, 192)
-  patches = jax.random.uniform(jax.random.key(1), (2, 14 * 14, 192),
-                               minval=-1, maxval=1)
+  patches = jax.random.uniform(jax.random.key(1), (2, 14 * 14, 192), minval=-1, maxval=1)
   got = np.asarray(jax.jit(tokenizers.tokenize)(patches, codebook))
   want, margin = _reference_tokens(np.asarray(patches), np.asarray(codebook))
   clear = margin >= 1e-5
@@ -115,24 +114,22 @@ def test_tokenize_jits_with_paper_vocabulary():
 
 def test_tokenize_rejects_dimension_mismatch():
   codebook = tokenizers.random_projection_codebook(jax.random.key(0), 8, 12)
-  with pytest.raises(ValueError, match='patches'):
+  with pytest.raises(ValueError, match="patches"):
     tokenizers.tokenize(jnp.zeros((3, 10)), codebook)
-  with pytest.raises(ValueError, match='codebook'):
+  with pytest.raises(ValueError, match="codebook"):
     tokenizers.tokenize(jnp.zeros((3, 12)), codebook[0])
 
 
 def _assert_unit_rows(codebook, vocab, dim):
   assert codebook.shape == (vocab, dim) and codebook.dtype == jnp.float32
-  np.testing.assert_allclose(np.linalg.norm(np.asarray(codebook), axis=1), 1.0,
-                             atol=1e-6)
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(codebook), axis=1), 1.0, atol=1e-6)
 
 
 def test_random_projection_codebook():
   key = jax.random.key(0)
   codebook = tokenizers.random_projection_codebook(key, 2000, 48)
   _assert_unit_rows(codebook, 2000, 48)
-  np.testing.assert_array_equal(
-      codebook, tokenizers.random_projection_codebook(key, 2000, 48))
+  np.testing.assert_array_equal(codebook, tokenizers.random_projection_codebook(key, 2000, 48))
   other = tokenizers.random_projection_codebook(jax.random.key(1), 2000, 48)
   assert not np.allclose(codebook, other)
   # Components symmetric around zero: both signs, mean near 0.
@@ -147,8 +144,7 @@ def test_random_patches_codebook_draws_distinct_sample_members():
   key = jax.random.key(4)
   codebook = np.asarray(tokenizers.random_patches_codebook(key, sample, 299))
   assert np.isfinite(codebook).all()
-  unit_sample = sample / np.maximum(
-      np.linalg.norm(sample, axis=1, keepdims=True), 1e-12)
+  unit_sample = sample / np.maximum(np.linalg.norm(sample, axis=1, keepdims=True), 1e-12)
   # Each row is a normalised sample member; together they are distinct members.
   dist = np.linalg.norm(codebook[:, None] - unit_sample[None], axis=-1)
   members = dist.argmin(1)
@@ -156,9 +152,8 @@ def test_random_patches_codebook_draws_distinct_sample_members():
   assert len(set(members.tolist())) == 299
   norms = np.linalg.norm(codebook, axis=1)
   np.testing.assert_allclose(norms[members != 7], 1.0, atol=1e-6)
-  np.testing.assert_array_equal(
-      codebook, tokenizers.random_patches_codebook(key, sample, 299))
-  with pytest.raises(ValueError, match='vocab_size'):
+  np.testing.assert_array_equal(codebook, tokenizers.random_patches_codebook(key, sample, 299))
+  with pytest.raises(ValueError, match="vocab_size"):
     tokenizers.random_patches_codebook(key, sample, 301)
 
 
@@ -167,33 +162,33 @@ def test_build_codebook_dispatch():
   sample = rng.uniform(-1, 1, (200, 12)).astype(np.float32)
   key = jax.random.key(0)
   for kind in tokenizers.CODEBOOK_KINDS:
-    codebook = tokenizers.build_codebook(kind, key, vocab_size=16, dim=12,
-                                         patches=sample, kmeans_iters=3)
+    codebook = tokenizers.build_codebook(
+      kind, key, vocab_size=16, dim=12, patches=sample, kmeans_iters=3
+    )
     _assert_unit_rows(codebook, 16, 12)
   np.testing.assert_array_equal(
-      tokenizers.build_codebook('random_patches', key, vocab_size=16, dim=12,
-                                patches=sample),
-      tokenizers.random_patches_codebook(key, sample, 16))
+    tokenizers.build_codebook("random_patches", key, vocab_size=16, dim=12, patches=sample),
+    tokenizers.random_patches_codebook(key, sample, 16),
+  )
   np.testing.assert_array_equal(
-      tokenizers.build_codebook('kmeans', key, vocab_size=16, dim=12,
-                                patches=sample, kmeans_iters=3),
-      tokenizers.kmeans_codebook(key, sample, 16, num_iters=3))
-  with pytest.raises(ValueError, match='kind'):
-    tokenizers.build_codebook('dall_e', key, vocab_size=16, dim=12)
-  for kind in ('random_patches', 'kmeans'):
-    with pytest.raises(ValueError, match='patches'):
+    tokenizers.build_codebook("kmeans", key, vocab_size=16, dim=12, patches=sample, kmeans_iters=3),
+    tokenizers.kmeans_codebook(key, sample, 16, num_iters=3),
+  )
+  with pytest.raises(ValueError, match="kind"):
+    tokenizers.build_codebook("dall_e", key, vocab_size=16, dim=12)
+  for kind in ("random_patches", "kmeans"):
+    with pytest.raises(ValueError, match="patches"):
       tokenizers.build_codebook(kind, key, vocab_size=16, dim=12)
-  with pytest.raises(ValueError, match='patches'):
-    tokenizers.build_codebook('kmeans', key, vocab_size=16, dim=8,
-                              patches=sample)
+  with pytest.raises(ValueError, match="patches"):
+    tokenizers.build_codebook("kmeans", key, vocab_size=16, dim=8, patches=sample)
 
 
 def test_argument_checks():
-  with pytest.raises(ValueError, match='token_patch'):
+  with pytest.raises(ValueError, match="token_patch"):
     tokenizers.codebook_dim(0, 3)
-  with pytest.raises(ValueError, match='images'):
+  with pytest.raises(ValueError, match="images"):
     tokenizers.tokenizer_patches(jnp.zeros((8, 8, 3)), (2, 2), 4)
-  with pytest.raises(ValueError, match='grid'):
+  with pytest.raises(ValueError, match="grid"):
     tokenizers.tokenizer_patches(jnp.zeros((1, 8, 8, 3)), (2, 2, 2), 4)
-  with pytest.raises(ValueError, match='vocab_size'):
+  with pytest.raises(ValueError, match="vocab_size"):
     tokenizers.random_projection_codebook(jax.random.key(0), 0, 4)

@@ -8,17 +8,21 @@ import ml_collections
 import numpy as np
 import pytest
 
-from splitmask_jax import checkpointing
 from splitmask_jax import config_base
 from splitmask_jax import masking
-from splitmask_jax import metric_log
 from splitmask_jax import objectives
 from splitmask_jax import optim
-from splitmask_jax import sharding
 from splitmask_jax import tokenizers
 from splitmask_jax import train
 from splitmask_jax import train_step as train_step_lib
-from helpers import CONFIG_FILE, ROOT, load_config
+from splitmask_jax.runtime import checkpointing
+from splitmask_jax.runtime import metric_log
+from splitmask_jax.runtime import sharding
+
+from helpers import CONFIG_FILE
+from helpers import ROOT
+from helpers import load_config
+
 
 def _test_config(fake_dir, data_dir, **overrides):
   config = load_config("test")
@@ -31,9 +35,16 @@ def _test_config(fake_dir, data_dir, **overrides):
 def test_cli_end_to_end(fake_fashion_mnist, tmp_path):
   """`python -m splitmask_jax.main` prepares the data, trains, evaluates, writes."""
   workdir = tmp_path / "run"
-  cmd = [sys.executable, "-m", "splitmask_jax.main", f"--config={CONFIG_FILE}:test",
-         f"--workdir={workdir}", f"--config.data.manual_dir={fake_fashion_mnist}",
-         f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.num_steps=6"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "splitmask_jax.main",
+    f"--config={CONFIG_FILE}:test",
+    f"--workdir={workdir}",
+    f"--config.data.manual_dir={fake_fashion_mnist}",
+    f"--config.data.data_dir={tmp_path / 'tfds'}",
+    "--config.num_steps=6",
+  ]
   result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-4000:]
 
@@ -68,20 +79,31 @@ def test_beit_runs(fake_fashion_mnist, tmp_path):
 
 def test_resume_matches_unbroken_run(fake_fashion_mnist, tmp_path, monkeypatch):
   """A run that dies after its step-4 checkpoint and restarts logs the same losses."""
+
   def config():
-    return _test_config(fake_fashion_mnist, tmp_path / "tfds", num_steps=8, log_every=1,
-                        checkpoint_every=2, eval_every=100, **{"knn.enabled": False})
+    return _test_config(
+      fake_fashion_mnist,
+      tmp_path / "tfds",
+      num_steps=8,
+      log_every=1,
+      checkpoint_every=2,
+      eval_every=100,
+      **{"knn.enabled": False},
+    )
 
   train.train_and_evaluate(config(), str(tmp_path / "unbroken"))
-  expected = {r["step"]: r for r in metric_log.read_metrics(str(tmp_path / "unbroken"))
-              if "loss" in r}
+  expected = {
+    r["step"]: r for r in metric_log.read_metrics(str(tmp_path / "unbroken")) if "loss" in r
+  }
 
   save = checkpointing.Checkpointer.save
+
   def save_then_die(self, step, state, data_iterator):
     save(self, step, state, data_iterator)
     if step == 4:
       self.wait()
       raise RuntimeError("simulated crash")
+
   monkeypatch.setattr(checkpointing.Checkpointer, "save", save_then_die)
   with pytest.raises(RuntimeError, match="simulated crash"):
     train.train_and_evaluate(config(), str(tmp_path / "broken"))
@@ -97,8 +119,9 @@ def test_resume_matches_unbroken_run(fake_fashion_mnist, tmp_path, monkeypatch):
 
 def _random_batch(config, grid, batch_size, seed=0):
   rng = np.random.default_rng(seed)
-  mask_fn = masking.make_mask_fn(config.objective, grid, config.masking.ratio,
-                                 kind=config.masking.kind)
+  mask_fn = masking.make_mask_fn(
+    config.objective, grid, config.masking.ratio, kind=config.masking.kind
+  )
   masks = [mask_fn(rng) for _ in range(batch_size)]
   size, channels = config.model.image_size, config.model.num_channels
   batch = {k: np.stack([m[k] for m in masks]) for k in masks[0]}
@@ -106,8 +129,7 @@ def _random_batch(config, grid, batch_size, seed=0):
   return batch, masks[0]
 
 
-@pytest.mark.parametrize("arg, data, fsdp", [("test", 8, 1), ("beit,test", 8, 1),
-                                             ("test", 2, 4)])
+@pytest.mark.parametrize("arg, data, fsdp", [("test", 8, 1), ("beit,test", 8, 1), ("test", 2, 4)])
 def test_sharded_steps_equal_one_device(arg, data, fsdp):
   """The same two steps on one device and on a (data, fsdp) mesh of 8 devices agree."""
   assert jax.device_count() >= 8, "conftest.py sets 8 fake CPU devices"
@@ -120,18 +142,28 @@ def test_sharded_steps_equal_one_device(arg, data, fsdp):
   schedule = optim.learning_rate_schedule(config.optim, config.batch_size, 10, 1.0)
   optimizer = optim.make_optimizer(config.optim, schedule)
   codebook = tokenizers.random_projection_codebook(
-      jax.random.PRNGKey(1), config.tokenizer.vocab_size,
-      tokenizers.codebook_dim(config.tokenizer.patch_size, config.model.num_channels))
+    jax.random.PRNGKey(1),
+    config.tokenizer.vocab_size,
+    tokenizers.codebook_dim(config.tokenizer.patch_size, config.model.num_channels),
+  )
 
   results = []
-  for mesh_config in (ml_collections.ConfigDict({"data": 1, "fsdp": 1}),
-                      ml_collections.ConfigDict({"data": data, "fsdp": fsdp})):
+  for mesh_config in (
+    ml_collections.ConfigDict({"data": 1, "fsdp": 1}),
+    ml_collections.ConfigDict({"data": data, "fsdp": fsdp}),
+  ):
     mesh = sharding.make_mesh(mesh_config)
     state = train_step_lib.init_train_state(
-        model, optimizer, codebook, objectives.example_inputs(config, example),
-        jax.random.PRNGKey(0), mesh)
-    step = train_step_lib.make_train_step(objectives.step_loss(loss_fn), optimizer, schedule,
-                                          0, mesh, state)
+      model,
+      optimizer,
+      codebook,
+      objectives.example_inputs(config, example),
+      jax.random.PRNGKey(0),
+      mesh,
+    )
+    step = train_step_lib.make_train_step(
+      objectives.step_loss(loss_fn), optimizer, schedule, 0, mesh, state
+    )
     losses = []
     for _ in range(2):
       global_batch = sharding.global_batch(batch, mesh)
@@ -142,8 +174,11 @@ def test_sharded_steps_equal_one_device(arg, data, fsdp):
 
   (losses_1, state_1), (losses_n, state_n) = results
   np.testing.assert_allclose(losses_n, losses_1, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               jax.device_get(state_n.params), jax.device_get(state_1.params))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+    jax.device_get(state_n.params),
+    jax.device_get(state_1.params),
+  )
   if fsdp > 1:
     # After the update, a kernel, its AdamW moments and the codebook still hold
     # 1/fsdp of their elements per device.

@@ -13,7 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from splitmask_jax.models.vit import Encoder, pooled_features
+from splitmask_jax.models.vit import Encoder
+from splitmask_jax.models.vit import pooled_features
 
 Dtype = Any
 
@@ -45,23 +46,26 @@ class Classifier(nn.Module):
   remat: bool = False
 
   def setup(self):
-    self.encoder = Encoder(width=self.width,
-                           depth=self.depth,
-                           num_heads=self.num_heads,
-                           mlp_dim=self.mlp_dim,
-                           patch_size=self.patch_size,
-                           grid=self.grid,
-                           drop_path_rate=self.drop_path_rate,
-                           dtype=self.dtype,
-                           param_dtype=self.param_dtype,
-                           remat=self.remat)
+    self.encoder = Encoder(
+      width=self.width,
+      depth=self.depth,
+      num_heads=self.num_heads,
+      mlp_dim=self.mlp_dim,
+      patch_size=self.patch_size,
+      grid=self.grid,
+      drop_path_rate=self.drop_path_rate,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      remat=self.remat,
+    )
     scale = self.head_init_scale
 
     def head_init(key, shape, dtype=jnp.float32):
       return scale * nn.initializers.truncated_normal(stddev=0.02)(key, shape, dtype)
 
-    self.head = nn.Dense(self.num_classes, kernel_init=head_init, dtype=self.dtype,
-                         param_dtype=self.param_dtype)
+    self.head = nn.Dense(
+      self.num_classes, kernel_init=head_init, dtype=self.dtype, param_dtype=self.param_dtype
+    )
 
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
     """Class logits, float32 [B, num_classes], of float images [B, H, W, C] in [-1, 1]."""

@@ -13,7 +13,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from splitmask_jax.models.vit import Decoder, Encoder, gather_tokens
+from splitmask_jax.models.vit import Decoder
+from splitmask_jax.models.vit import Encoder
+from splitmask_jax.models.vit import gather_tokens
 
 Dtype = Any
 
@@ -54,25 +56,37 @@ class SplitMaskModel(nn.Module):
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat)
-    self.encoder = Encoder(width=self.width,
-                           depth=self.depth,
-                           num_heads=self.num_heads,
-                           mlp_dim=self.mlp_dim,
-                           patch_size=self.patch_size,
-                           grid=self.grid,
-                           drop_path_rate=self.drop_path_rate,
-                           **kw)
-    self.decoder = Decoder(width=self.decoder_width or self.width,
-                           num_heads=self.decoder_num_heads or self.num_heads,
-                           mlp_dim=self.decoder_mlp_dim or self.mlp_dim,
-                           num_patches=self.grid[0] * self.grid[1],
-                           vocab_size=self.vocab_size,
-                           depth=self.decoder_depth,
-                           drop_path_rate=self.decoder_drop_path_rate,
-                           **kw)
+    self.encoder = Encoder(
+      width=self.width,
+      depth=self.depth,
+      num_heads=self.num_heads,
+      mlp_dim=self.mlp_dim,
+      patch_size=self.patch_size,
+      grid=self.grid,
+      drop_path_rate=self.drop_path_rate,
+      **kw,
+    )
+    self.decoder = Decoder(
+      width=self.decoder_width or self.width,
+      num_heads=self.decoder_num_heads or self.num_heads,
+      mlp_dim=self.decoder_mlp_dim or self.mlp_dim,
+      num_patches=self.grid[0] * self.grid[1],
+      vocab_size=self.vocab_size,
+      depth=self.decoder_depth,
+      drop_path_rate=self.decoder_drop_path_rate,
+      **kw,
+    )
 
-  def __call__(self, images: jax.Array, visible_a: jax.Array, visible_b: jax.Array,
-               masked_a: jax.Array, masked_b: jax.Array, *, train: bool) -> dict:
+  def __call__(
+    self,
+    images: jax.Array,
+    visible_a: jax.Array,
+    visible_b: jax.Array,
+    masked_a: jax.Array,
+    masked_b: jax.Array,
+    *,
+    train: bool,
+  ) -> dict:
     """Runs both branches.
 
     Args:
@@ -88,11 +102,14 @@ class SplitMaskModel(nn.Module):
     """
     b = images.shape[0]
     if visible_a.shape != visible_b.shape or visible_a.ndim != 2 or visible_a.shape[0] != b:
-      raise ValueError(f'visible_a and visible_b must both be [B={b}, n], got '
-                       f'{visible_a.shape} and {visible_b.shape}')
+      raise ValueError(
+        f"visible_a and visible_b must both be [B={b}, n], got "
+        f"{visible_a.shape} and {visible_b.shape}"
+      )
     if masked_a.shape != masked_b.shape or masked_a.ndim != 2 or masked_a.shape[0] != b:
-      raise ValueError(f'masked_a and masked_b must both be [B={b}, m], got '
-                       f'{masked_a.shape} and {masked_b.shape}')
+      raise ValueError(
+        f"masked_a and masked_b must both be [B={b}, m], got {masked_a.shape} and {masked_b.shape}"
+      )
     # Both branches as one batch of 2B: the weights are shared and one call
     # launches every kernel once instead of twice.
     both = lambda x, y: jnp.concatenate([x, y], axis=0)
@@ -100,10 +117,10 @@ class SplitMaskModel(nn.Module):
     tokens, _ = self.encoder(both(images, images), visible=visible, train=train)
     features, logits = self.decoder(tokens, visible, both(masked_a, masked_b), train=train)
     return {
-        'logits_a': logits[:b],
-        'logits_b': logits[b:],
-        'features_a': features[:b],
-        'features_b': features[b:]
+      "logits_a": logits[:b],
+      "logits_b": logits[b:],
+      "features_a": features[:b],
+      "features_b": features[b:],
     }
 
   def encode(self, images: jax.Array, *, train: bool = False):
@@ -136,21 +153,22 @@ class BEiTModel(nn.Module):
   remat: bool = False
 
   def setup(self):
-    self.encoder = Encoder(width=self.width,
-                           depth=self.depth,
-                           num_heads=self.num_heads,
-                           mlp_dim=self.mlp_dim,
-                           patch_size=self.patch_size,
-                           grid=self.grid,
-                           drop_path_rate=self.drop_path_rate,
-                           use_mask_token=True,
-                           dtype=self.dtype,
-                           param_dtype=self.param_dtype,
-                           remat=self.remat)
-    self.head = nn.Dense(self.vocab_size,
-                         kernel_init=_trunc_normal,
-                         dtype=self.dtype,
-                         param_dtype=self.param_dtype)
+    self.encoder = Encoder(
+      width=self.width,
+      depth=self.depth,
+      num_heads=self.num_heads,
+      mlp_dim=self.mlp_dim,
+      patch_size=self.patch_size,
+      grid=self.grid,
+      drop_path_rate=self.drop_path_rate,
+      use_mask_token=True,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      remat=self.remat,
+    )
+    self.head = nn.Dense(
+      self.vocab_size, kernel_init=_trunc_normal, dtype=self.dtype, param_dtype=self.param_dtype
+    )
 
   def __call__(self, images: jax.Array, mask: jax.Array, masked: jax.Array, *, train: bool) -> dict:
     """Predicts the visual words of the masked patches.
@@ -164,10 +182,10 @@ class BEiTModel(nn.Module):
       {'logits': float32 [B, m, V]}.
     """
     if masked.ndim != 2 or masked.shape[0] != images.shape[0]:
-      raise ValueError(f'masked must be [B={images.shape[0]}, m], got {masked.shape}')
+      raise ValueError(f"masked must be [B={images.shape[0]}, m], got {masked.shape}")
     tokens, _ = self.encoder(images, mask=mask, train=train)
     logits = self.head(gather_tokens(tokens, masked))
-    return {'logits': logits.astype(jnp.float32)}
+    return {"logits": logits.astype(jnp.float32)}
 
   def encode(self, images: jax.Array, *, train: bool = False):
     """Encoder over all patches, nothing masked: (tokens [B, N, width], aux)."""

@@ -16,8 +16,11 @@ import json
 import os
 import tarfile
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Iterable
+from collections.abc import Iterator
+from collections.abc import Mapping
+from typing import Any
+from typing import NamedTuple
 
 import tensorflow_datasets as tfds
 from absl import logging
@@ -69,8 +72,8 @@ FOLDER (no sub-folders). Get them from the competition's page
 Required:
   {TRAIN_VAL_ARCHIVE}  the training and validation images (74 GB): leave it packed;
       its md5sum is c60a6e2962c9b8ccbd458d12c8582644
-  {ANNOTATION_FILES['train']}  the training annotations
-  {ANNOTATION_FILES['validation']}  the validation annotations
+  {ANNOTATION_FILES["train"]}  the training annotations
+  {ANNOTATION_FILES["validation"]}  the validation annotations
 Optional, for a 'test' split of unlabelled images:
   {TEST_ARCHIVE}  (md5sum 6966703cc589a877689dc8993bb3e55e) and {TEST_IMAGES_FILE}
 Optional, for the species names as class names (those of the json files are
@@ -80,12 +83,12 @@ unpack them into FOLDER (tar xzf train2019.json.tar.gz -C FOLDER).
 Then prepare the dataset (it takes about as much disk as the images, and as much again
 while it is written) by adding --config.data.manual_dir=FOLDER to the training
 command, or in Python:
-  import tensorflow_datasets as tfds, splitmask_jax.inaturalist2019
+  import tensorflow_datasets as tfds, splitmask_jax.data.inaturalist2019
   tfds.builder('{NAME}', data_dir=DATA_DIR).download_and_prepare(
       file_format='array_record',
       download_config=tfds.download.DownloadConfig(manual_dir=FOLDER))
 or with TFDS's command line, which needs `pip install apache-beam` (TFDS issue #5463):
-  tfds build {NAME} --imports splitmask_jax.inaturalist2019 --manual_dir=FOLDER \\
+  tfds build {NAME} --imports splitmask_jax.data.inaturalist2019 --manual_dir=FOLDER \\
       --file_format=array_record --data_dir=DATA_DIR
 """
 
@@ -119,8 +122,7 @@ def _read_json(path: epath.Path) -> dict[str, Any]:
   with path.open("r") as f:
     data = json.load(f)
   if not isinstance(data, dict) or "images" not in data:
-    raise ValueError(f"{path} is not an iNaturalist 2019 annotation file: it has no "
-                     f"'images' list.")
+    raise ValueError(f"{path} is not an iNaturalist 2019 annotation file: it has no 'images' list.")
   return data
 
 
@@ -140,9 +142,11 @@ def category_names(data: Mapping[str, Any], json_name: str) -> list[str]:
   categories = sorted(data.get("categories", []), key=lambda c: c["id"])
   ids = [c["id"] for c in categories]
   if ids != list(range(NUM_CLASSES)):
-    raise ValueError(f"{json_name} lists {len(ids)} categories with ids "
-                     f"{ids[:3]}...{ids[-3:]}; iNaturalist 2019 has {NUM_CLASSES} with "
-                     f"ids 0 to {NUM_CLASSES - 1}.")
+    raise ValueError(
+      f"{json_name} lists {len(ids)} categories with ids "
+      f"{ids[:3]}...{ids[-3:]}; iNaturalist 2019 has {NUM_CLASSES} with "
+      f"ids 0 to {NUM_CLASSES - 1}."
+    )
   return [str(c["name"]) for c in categories]
 
 
@@ -164,18 +168,22 @@ def labelled_images(data: Mapping[str, Any], json_name: str) -> dict[str, ImageE
   labels = {a["image_id"]: a["category_id"] for a in data.get("annotations", [])}
   unlabelled = [i["file_name"] for i in data["images"] if i["id"] not in labels]
   if unlabelled:
-    raise ValueError(f"{len(unlabelled)} images of {json_name} have no annotation, "
-                     f"e.g. {unlabelled[0]}.")
+    raise ValueError(
+      f"{len(unlabelled)} images of {json_name} have no annotation, e.g. {unlabelled[0]}."
+    )
   images = {}
   for image in data["images"]:
     path, label = image["file_name"], labels[image["id"]]
     parts = path.split("/")
     if len(parts) != 4 or parts[0] != _TRAIN_VAL_ROOT:
-      raise ValueError(f"{json_name} lists the image {path!r}; expected paths of the "
-                       f"form {_TRAIN_VAL_ROOT}/<supercategory>/<category>/<file>.")
+      raise ValueError(
+        f"{json_name} lists the image {path!r}; expected paths of the "
+        f"form {_TRAIN_VAL_ROOT}/<supercategory>/<category>/<file>."
+      )
     if not 0 <= label < NUM_CLASSES:
-      raise ValueError(f"{json_name} gives the image {path!r} the category id "
-                       f"{label}, outside [0, {NUM_CLASSES}).")
+      raise ValueError(
+        f"{json_name} gives the image {path!r} the category id {label}, outside [0, {NUM_CLASSES})."
+      )
     images[path] = ImageEntry(label=label, supercategory=parts[1])
   return images
 
@@ -205,12 +213,10 @@ def read_annotations(folder: epath.PathLike, with_test: bool) -> Annotations:
     names = category_names(categories, CATEGORIES_FILE)
   else:
     names = category_names(parsed["train"], ANNOTATION_FILES["train"])
-  images = {split: labelled_images(data, ANNOTATION_FILES[split])
-            for split, data in parsed.items()}
+  images = {split: labelled_images(data, ANNOTATION_FILES[split]) for split, data in parsed.items()}
   if with_test:
     test = _read_json(folder / TEST_IMAGES_FILE)
-    images["test"] = {image["file_name"]: ImageEntry(_UNLABELLED, None)
-                      for image in test["images"]}
+    images["test"] = {image["file_name"]: ImageEntry(_UNLABELLED, None) for image in test["images"]}
   return Annotations(names, images)
 
 
@@ -222,8 +228,13 @@ def missing_files(folder: epath.PathLike) -> list[str]:
 def _has_test_files(folder: epath.Path) -> bool:
   present = [name for name in TEST_FILES if (folder / name).is_file()]
   if len(present) == 1:
-    logging.warning("%s holds %s but not %s: preparing %s without its 'test' split.",
-                    folder, present[0], (set(TEST_FILES) - set(present)).pop(), NAME)
+    logging.warning(
+      "%s holds %s but not %s: preparing %s without its 'test' split.",
+      folder,
+      present[0],
+      (set(TEST_FILES) - set(present)).pop(),
+      NAME,
+    )
   return len(present) == len(TEST_FILES)
 
 
@@ -281,17 +292,19 @@ class INaturalist2019(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=_DESCRIPTION,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3)),
-            "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
-            "supercategory": tfds.features.Text(),
-            "id": tfds.features.Text(),
-        }),
-        supervised_keys=("image", "label"),
-        homepage=_HOMEPAGE,
-        citation=_CITATION,
+      builder=self,
+      description=_DESCRIPTION,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(None, None, 3)),
+          "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
+          "supercategory": tfds.features.Text(),
+          "id": tfds.features.Text(),
+        }
+      ),
+      supervised_keys=("image", "label"),
+      homepage=_HOMEPAGE,
+      citation=_CITATION,
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
@@ -299,8 +312,9 @@ class INaturalist2019(tfds.core.GeneratorBasedBuilder):
     missing = missing_files(folder)
     if missing:
       raise FileNotFoundError(
-          f"{NAME}: {', '.join(missing)} missing from the manual download folder "
-          f"{folder}.\n{MANUAL_DOWNLOAD_INSTRUCTIONS}")
+        f"{NAME}: {', '.join(missing)} missing from the manual download folder "
+        f"{folder}.\n{MANUAL_DOWNLOAD_INSTRUCTIONS}"
+      )
     with_test = _has_test_files(folder)
     annotations = read_annotations(folder, with_test)
     self._name_labels(annotations)
@@ -309,13 +323,19 @@ class INaturalist2019(tfds.core.GeneratorBasedBuilder):
     if with_test:
       archives["test"], json_files["test"] = TEST_ARCHIVE, TEST_IMAGES_FILE
     # Each split streams its archive once, reading the members in archive order.
-    return {split: self._generate_examples(
-                archive=dl_manager.iter_archive(tfds.download.Resource(
-                    path=folder / archive,
-                    extract_method=tfds.download.ExtractMethod.TAR_GZ_STREAM)),
-                images=annotations.images[split], archive_name=archive,
-                json_name=json_files[split])
-            for split, archive in archives.items()}
+    return {
+      split: self._generate_examples(
+        archive=dl_manager.iter_archive(
+          tfds.download.Resource(
+            path=folder / archive, extract_method=tfds.download.ExtractMethod.TAR_GZ_STREAM
+          )
+        ),
+        images=annotations.images[split],
+        archive_name=archive,
+        json_name=json_files[split],
+      )
+      for split, archive in archives.items()
+    }
 
   def _name_labels(self, annotations: Annotations) -> None:
     features = self.info.features
@@ -326,9 +346,13 @@ class INaturalist2019(tfds.core.GeneratorBasedBuilder):
       # Names only label the ids; the ids are the classes.
       logging.warning("The category names repeat; %s labels its classes by id.", NAME)
 
-  def _generate_examples(self, archive: Iterable[tuple[str, Any]],
-                         images: Mapping[str, ImageEntry], archive_name: str,
-                         json_name: str) -> Iterator[tuple[str, dict[str, Any]]]:
+  def _generate_examples(
+    self,
+    archive: Iterable[tuple[str, Any]],
+    images: Mapping[str, ImageEntry],
+    archive_name: str,
+    json_name: str,
+  ) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yields (path in the archive, example) for the archive's members that `images` lists.
 
     Raises:
@@ -349,27 +373,38 @@ class INaturalist2019(tfds.core.GeneratorBasedBuilder):
         except OSError:
           # Kept as it is: the input pipeline skips records that fail to decode.
           unreadable.append(path)
-        yield path, {
+        yield (
+          path,
+          {
             "image": data,
             "label": entry.label,
             "supercategory": entry.supercategory or "",
             "id": os.path.splitext(os.path.basename(path))[0],
-        }
+          },
+        )
     # What a cut or damaged .tar.gz raises once the stream reaches the damage.
     except (tarfile.TarError, EOFError, zlib.error) as error:
-      raise ValueError(f"{archive_name} is truncated or corrupt ({error}): "
-                       f"{_not_read(remaining, images, json_name)}") from error
+      raise ValueError(
+        f"{archive_name} is truncated or corrupt ({error}): "
+        f"{_not_read(remaining, images, json_name)}"
+      ) from error
     if unreadable:
-      logging.warning("%d images of %s cannot be decoded and were stored as they are, "
-                      "e.g. %s.", len(unreadable), json_name, unreadable[0])
+      logging.warning(
+        "%d images of %s cannot be decoded and were stored as they are, e.g. %s.",
+        len(unreadable),
+        json_name,
+        unreadable[0],
+      )
     if remaining:
-      raise ValueError(f"{archive_name} is incomplete: "
-                       f"{_not_read(remaining, images, json_name)}")
+      raise ValueError(f"{archive_name} is incomplete: {_not_read(remaining, images, json_name)}")
 
 
-def _not_read(remaining: Mapping[str, ImageEntry], images: Mapping[str, ImageEntry],
-              json_name: str) -> str:
+def _not_read(
+  remaining: Mapping[str, ImageEntry], images: Mapping[str, ImageEntry], json_name: str
+) -> str:
   example = f" (e.g. {min(remaining)})" if remaining else ""
-  return (f"{len(remaining)} of the {len(images)} images that {json_name} lists were "
-          f"not read from it{example}. Check its md5sum and download it again.\n"
-          f"{MANUAL_DOWNLOAD_INSTRUCTIONS}")
+  return (
+    f"{len(remaining)} of the {len(images)} images that {json_name} lists were "
+    f"not read from it{example}. Check its md5sum and download it again.\n"
+    f"{MANUAL_DOWNLOAD_INSTRUCTIONS}"
+  )

@@ -30,10 +30,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Sequence
+from typing import Callable
+from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image
+from PIL import ImageEnhance
+from PIL import ImageOps
 
 _MAX_LEVEL = 10.0
 _RESAMPLE = Image.Resampling.BICUBIC
@@ -98,12 +101,14 @@ def _enhance(enhancer: type) -> _Op:
     # Both directions grow with the level; 0.1 keeps the factor positive.
     factor = max(0.1, 1.0 + _signed(_fraction(level) * 0.9, rng))
     return enhancer(image).enhance(factor)
+
   return op
 
 
 def _affine(image, coefficients, fill):
-  return image.transform(image.size, Image.Transform.AFFINE, coefficients,
-                         resample=_RESAMPLE, fillcolor=fill)
+  return image.transform(
+    image.size, Image.Transform.AFFINE, coefficients, resample=_RESAMPLE, fillcolor=fill
+  )
 
 
 def _shear_x(image, level, rng, fill):
@@ -125,21 +130,21 @@ def _translate_y(image, level, rng, fill):
 
 
 _OP_FNS: dict[str, _Op] = {
-    "AutoContrast": _auto_contrast,
-    "Equalize": _equalize,
-    "Invert": _invert,
-    "Rotate": _rotate,  # up to 30 degrees
-    "Posterize": _posterize,  # 4 - 4 * level / 10 bits kept
-    "Solarize": _solarize,  # inverts pixels >= 256 - 256 * level / 10
-    "SolarizeAdd": _solarize_add,  # adds up to 110 to pixels below 128
-    "Color": _enhance(ImageEnhance.Color),  # factors 1 +- 0.9 * level / 10
-    "Contrast": _enhance(ImageEnhance.Contrast),
-    "Brightness": _enhance(ImageEnhance.Brightness),
-    "Sharpness": _enhance(ImageEnhance.Sharpness),
-    "ShearX": _shear_x,  # up to 0.3
-    "ShearY": _shear_y,
-    "TranslateXRel": _translate_x,  # up to 0.45 of the side
-    "TranslateYRel": _translate_y,
+  "AutoContrast": _auto_contrast,
+  "Equalize": _equalize,
+  "Invert": _invert,
+  "Rotate": _rotate,  # up to 30 degrees
+  "Posterize": _posterize,  # 4 - 4 * level / 10 bits kept
+  "Solarize": _solarize,  # inverts pixels >= 256 - 256 * level / 10
+  "SolarizeAdd": _solarize_add,  # adds up to 110 to pixels below 128
+  "Color": _enhance(ImageEnhance.Color),  # factors 1 +- 0.9 * level / 10
+  "Contrast": _enhance(ImageEnhance.Contrast),
+  "Brightness": _enhance(ImageEnhance.Brightness),
+  "Sharpness": _enhance(ImageEnhance.Sharpness),
+  "ShearX": _shear_x,  # up to 0.3
+  "ShearY": _shear_y,
+  "TranslateXRel": _translate_x,  # up to 0.45 of the side
+  "TranslateYRel": _translate_y,
 }
 # timm's `_RAND_INCREASING_TRANSFORMS`, in its order.
 OPS: tuple[str, ...] = tuple(_OP_FNS)
@@ -148,10 +153,13 @@ _JITTER_ENHANCERS = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhanc
 
 
 def _check_image(image) -> np.ndarray:
-  if (not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or
-      image.shape[-1] not in (1, 3)):
-    desc = (f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray)
-            else type(image).__name__)
+  if (
+    not isinstance(image, np.ndarray)
+    or image.dtype != np.uint8
+    or image.ndim != 3
+    or image.shape[-1] not in (1, 3)
+  ):
+    desc = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
     raise ValueError(f"image must be a uint8 array [H, W, C] with C in (1, 3), got {desc}")
   return image
 
@@ -162,8 +170,12 @@ def _check_rng(rng):
 
 
 def _check_real(name: str, value, low: float, high: float = math.inf) -> float:
-  if (isinstance(value, bool) or not isinstance(value, numbers.Real) or
-      not low <= value <= high or not math.isfinite(value)):
+  if (
+    isinstance(value, bool)
+    or not isinstance(value, numbers.Real)
+    or not low <= value <= high
+    or not math.isfinite(value)
+  ):
     raise ValueError(f"{name} must be a finite number in [{low}, {high}], got {value!r}")
   return float(value)
 
@@ -177,9 +189,16 @@ def _to_array(image: Image.Image, channels: int) -> np.ndarray:
   return out[..., None] if channels == 1 else out
 
 
-def rand_augment(image: np.ndarray, rng: np.random.Generator, *, num_ops: int = 2,
-                 magnitude: float = 9.0, magnitude_std: float = 0.5, prob: float = 0.5,
-                 ops: Sequence[str] = OPS) -> np.ndarray:
+def rand_augment(
+  image: np.ndarray,
+  rng: np.random.Generator,
+  *,
+  num_ops: int = 2,
+  magnitude: float = 9.0,
+  magnitude_std: float = 0.5,
+  prob: float = 0.5,
+  ops: Sequence[str] = OPS,
+) -> np.ndarray:
   """timm's RandAugment (increasing op set) on one image.
 
   Args:
@@ -219,12 +238,14 @@ def rand_augment(image: np.ndarray, rng: np.random.Generator, *, num_ops: int = 
 def _jitter_factors(rng: np.random.Generator, strength: float) -> list[tuple[type, float]]:
   """(ImageEnhance class, factor) pairs in the order they apply."""
   factors = rng.uniform(max(0.0, 1.0 - strength), 1.0 + strength, size=len(_JITTER_ENHANCERS))
-  return [(_JITTER_ENHANCERS[i], float(factors[i]))
-          for i in rng.permutation(len(_JITTER_ENHANCERS))]
+  return [
+    (_JITTER_ENHANCERS[i], float(factors[i])) for i in rng.permutation(len(_JITTER_ENHANCERS))
+  ]
 
 
-def color_jitter(image: np.ndarray, rng: np.random.Generator, *,
-                 strength: float = 0.4) -> np.ndarray:
+def color_jitter(
+  image: np.ndarray, rng: np.random.Generator, *, strength: float = 0.4
+) -> np.ndarray:
   """Random brightness, contrast and saturation, in a random order.
 
   Args:

@@ -44,21 +44,26 @@ import json
 import multiprocessing
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
+from collections.abc import Sequence
 from concurrent import futures
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags
+from PIL import Image
+from PIL import ImageOps
 
-from splitmask_jax import subsets
+from splitmask_jax.data import subsets
 
 NAME = "image_folder"
 _VERSION = "1.0.0"
 IMAGE_EXTENSIONS = frozenset(
-    (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"))
+  (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+)
 # Split folder names: the training one, then the validation ones by preference.
 TRAIN_FOLDER = "train"
 VALIDATION_FOLDERS = ("validation", "val", "test")
@@ -152,9 +157,10 @@ def _list_root(root: str, folder: str) -> _Listing:
         class_files[entry.name] = below
   if image_files and class_files:
     raise ValueError(
-        f"{root} holds both images ({', '.join(image_files[:3])}, ...) and class "
-        f"sub-folders ({', '.join(list(class_files)[:3])}, ...): put every image in a class "
-        "sub-folder (labelled), or no sub-folders at all (unlabelled).")
+      f"{root} holds both images ({', '.join(image_files[:3])}, ...) and class "
+      f"sub-folders ({', '.join(list(class_files)[:3])}, ...): put every image in a class "
+      "sub-folder (labelled), or no sub-folders at all (unlabelled)."
+    )
 
   def relative(path):
     return os.path.relpath(path, folder)
@@ -162,8 +168,9 @@ def _list_root(root: str, folder: str) -> _Listing:
   others = [relative(os.path.join(root, n)) for n in files if not _is_image_name(n)]
   if not class_files:
     if not image_files:
-      raise NoImagesError(f"{root} holds no image file (recognised extensions: "
-                          f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
+      raise NoImagesError(
+        f"{root} holds no image file (recognised extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})"
+      )
     return _Listing([relative(os.path.join(root, n)) for n in image_files], None, others)
   images, classes = [], []
   for name, below in class_files.items():
@@ -180,15 +187,16 @@ def _list_folder(folder: str) -> tuple[dict[str, _Listing], str | None]:
   """The listing of each split root, {split or 'pool': listing}, and the validation
   folder's name (None for a pool)."""
   if not os.path.isdir(folder):
-    raise NoImagesError(f"{folder} does not exist" if not os.path.exists(folder) else
-                        f"{folder} is not a folder")
-  present = [name for name in VALIDATION_FOLDERS
-             if os.path.isdir(os.path.join(folder, name))]
+    raise NoImagesError(
+      f"{folder} does not exist" if not os.path.exists(folder) else f"{folder} is not a folder"
+    )
+  present = [name for name in VALIDATION_FOLDERS if os.path.isdir(os.path.join(folder, name))]
   if not os.path.isdir(os.path.join(folder, TRAIN_FOLDER)) or not present:
     return {"pool": _list_root(folder, folder)}, None
   roots = {"train": TRAIN_FOLDER, "validation": present[0]}
-  return {split: _list_root(os.path.join(folder, name), folder)
-          for split, name in roots.items()}, present[0]
+  return {
+    split: _list_root(os.path.join(folder, name), folder) for split, name in roots.items()
+  }, present[0]
 
 
 class _Source(NamedTuple):
@@ -215,38 +223,51 @@ def _scan(folder: str) -> _Source:
   labelled = {split: listing.classes is not None for split, listing in listings.items()}
   if len(set(labelled.values())) > 1:
     raise ValueError(
-        f"{folder}: the split folders disagree on labels ("
-        + ", ".join(f"{s}: {'class sub-folders' if l else 'images only'}"
-                    for s, l in labelled.items())
-        + "); give both class sub-folders, or neither.")
-  classes = (sorted({c for listing in listings.values() for c in listing.classes})
-             if all(labelled.values()) else None)
+      f"{folder}: the split folders disagree on labels ("
+      + ", ".join(
+        f"{s}: {'class sub-folders' if l else 'images only'}" for s, l in labelled.items()
+      )
+      + "); give both class sub-folders, or neither."
+    )
+  classes = (
+    sorted({c for listing in listings.values() for c in listing.classes})
+    if all(labelled.values())
+    else None
+  )
 
   index = {} if classes is None else {c: i for i, c in enumerate(classes)}
 
   def indexed(listing):
-    labels = [-1] * len(listing.images) if classes is None else [
-        index[c] for c in listing.classes]
+    labels = [-1] * len(listing.images) if classes is None else [index[c] for c in listing.classes]
     return list(zip(listing.images, labels))
 
   if validation_folder is not None:
-    return _Source({split: indexed(listing) for split, listing in listings.items()},
-                   {split: listing.others for split, listing in listings.items()}, classes,
-                   f"split folders {TRAIN_FOLDER}/ and {validation_folder}/")
+    return _Source(
+      {split: indexed(listing) for split, listing in listings.items()},
+      {split: listing.others for split, listing in listings.items()},
+      classes,
+      f"split folders {TRAIN_FOLDER}/ and {validation_folder}/",
+    )
   pool = indexed(listings["pool"])
   if len(pool) < 2:
-    raise ValueError(f"{folder} holds a single image file: at least 2 are needed, one "
-                     "of them held out for validation.")
+    raise ValueError(
+      f"{folder} holds a single image file: at least 2 are needed, one "
+      "of them held out for validation."
+    )
   held_out = set(_held_out(classes, np.array([label for _, label in pool])).tolist())
   train = [item for i, item in enumerate(pool) if i not in held_out]
   if not train:
-    raise ValueError(f"{folder}: holding out one image of each class for validation "
-                     f"leaves none for training; add images, or split them yourself into "
-                     f"{TRAIN_FOLDER}/ and {VALIDATION_FOLDERS[0]}/.")
-  return _Source({"train": train, "validation": [pool[i] for i in sorted(held_out)]},
-                 {"train": listings["pool"].others, "validation": []}, classes,
-                 f"one pool, {VALIDATION_SHARE:.0%} held out for validation "
-                 f"(seed {SPLIT_SEED})")
+    raise ValueError(
+      f"{folder}: holding out one image of each class for validation "
+      f"leaves none for training; add images, or split them yourself into "
+      f"{TRAIN_FOLDER}/ and {VALIDATION_FOLDERS[0]}/."
+    )
+  return _Source(
+    {"train": train, "validation": [pool[i] for i in sorted(held_out)]},
+    {"train": listings["pool"].others, "validation": []},
+    classes,
+    f"one pool, {VALIDATION_SHARE:.0%} held out for validation (seed {SPLIT_SEED})",
+  )
 
 
 class _Decoded(NamedTuple):
@@ -321,8 +342,9 @@ def _decode_image_file(path: str) -> _Decoded:
     with Image.open(path) as image:
       mode, size = image.mode, image.size
       if min(size) < MIN_SIZE:
-        return _Decoded(None, "too_small", f"{size[0]}x{size[1]} px, under {MIN_SIZE} px",
-                        mode, False)
+        return _Decoded(
+          None, "too_small", f"{size[0]}x{size[1]} px, under {MIN_SIZE} px", mode, False
+        )
       downscaled = min(size) > MAX_SIZE
       if downscaled and image.format == "JPEG":
         image.draft(None, _scaled_size(size, MAX_SIZE))
@@ -335,8 +357,7 @@ def _decode_image_file(path: str) -> _Decoded:
           return _Decoded(f.read(), None, "", mode, False)
       rgb = _to_rgb(image)
     if downscaled and min(rgb.size) != MAX_SIZE:
-      rgb = rgb.resize(_scaled_size(rgb.size, MAX_SIZE), Image.Resampling.BICUBIC,
-                       reducing_gap=3.0)
+      rgb = rgb.resize(_scaled_size(rgb.size, MAX_SIZE), Image.Resampling.BICUBIC, reducing_gap=3.0)
     encoded = io.BytesIO()
     rgb.save(encoded, format="JPEG", quality=_JPEG_QUALITY)
   except Exception as e:  # pylint: disable=broad-except
@@ -348,11 +369,12 @@ def _decode_files(paths: list[str]) -> list[_Decoded]:
   return [_decode_image_file(path) for path in paths]
 
 
-def _decode_all(paths: list[str], executor: futures.Executor | None,
-                in_flight: int) -> Iterator[_Decoded]:
+def _decode_all(
+  paths: list[str], executor: futures.Executor | None, in_flight: int
+) -> Iterator[_Decoded]:
   """_decode_image_file of each path, in order, in `executor`'s processes (None: here),
   with at most `in_flight` chunks of paths submitted and not yet consumed."""
-  chunks = [paths[i:i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
+  chunks = [paths[i : i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
   if executor is None:
     for chunk in chunks:
       yield from _decode_files(chunk)
@@ -367,8 +389,10 @@ def _decode_all(paths: list[str], executor: futures.Executor | None,
 
 
 def _features(classes: list[str] | None) -> tfds.features.FeaturesDict:
-  features = {"image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-              "file_name": tfds.features.Text()}
+  features = {
+    "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+    "file_name": tfds.features.Text(),
+  }
   if classes is not None:
     features["label"] = tfds.features.ClassLabel(names=classes)
   return tfds.features.FeaturesDict(features)
@@ -409,8 +433,10 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self._counts: dict[str, dict[str, Any]] = {}
     self._skipped: dict[str, list[list[str]]] = {}
     self._executor: futures.Executor | None = None
-    super().__init__(config=tfds.core.BuilderConfig(name=config_name(self._folder),
-                                                    description=self._folder), **kwargs)
+    super().__init__(
+      config=tfds.core.BuilderConfig(name=config_name(self._folder), description=self._folder),
+      **kwargs,
+    )
 
   def download_and_prepare(self, **kwargs: Any) -> None:
     """DatasetBuilder's, with the images decoded in `num_workers` processes.
@@ -424,7 +450,8 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       super().download_and_prepare(**kwargs)
       return
     with futures.ProcessPoolExecutor(
-        self._num_workers, mp_context=multiprocessing.get_context("spawn")) as executor:
+      self._num_workers, mp_context=multiprocessing.get_context("spawn")
+    ) as executor:
       self._executor = executor
       try:
         super().download_and_prepare(**kwargs)
@@ -433,15 +460,20 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self, description=f"The images of {self._folder}.",
-        features=_features(self._source.classes), metadata=tfds.core.MetadataDict())
+      builder=self,
+      description=f"The images of {self._folder}.",
+      features=_features(self._source.classes),
+      metadata=tfds.core.MetadataDict(),
+    )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download.
     source = self._source
     self.info.metadata.update(
-        classes=source.classes, layout=source.layout,
-        num_source_files=sum(len(images) for images in source.images.values()))
+      classes=source.classes,
+      layout=source.layout,
+      num_source_files=sum(len(images) for images in source.images.values()),
+    )
     # Validation first: it is small, and a split left empty fails the preparation.
     return {split: self._generate_examples(split) for split in reversed(source.images)}
 
@@ -449,11 +481,16 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     images, others = self._source.images[split], self._source.others[split]
     skipped_counts = dict.fromkeys(SKIP_REASONS, 0)
     skipped_counts["not_an_image"] = len(others)
-    skipped = [[path, "not_an_image", f"extension {os.path.splitext(path)[1] or '(none)'}"]
-               for path in others[:_LISTED_SKIPS]]
+    skipped = [
+      [path, "not_an_image", f"extension {os.path.splitext(path)[1] or '(none)'}"]
+      for path in others[:_LISTED_SKIPS]
+    ]
     converted, written, downscaled = collections.Counter(), 0, 0
-    decoded_images = _decode_all([os.path.join(self._folder, path) for path, _ in images],
-                                 self._executor, _TASKS_PER_WORKER * self._num_workers)
+    decoded_images = _decode_all(
+      [os.path.join(self._folder, path) for path, _ in images],
+      self._executor,
+      _TASKS_PER_WORKER * self._num_workers,
+    )
     for (path, label), decoded in zip(images, decoded_images):
       if decoded.skipped is not None:
         skipped_counts[decoded.skipped] += 1
@@ -470,17 +507,22 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       yield path, example
     if not written:
       raise NoImagesError(
-          f"{self._folder}: none of the {len(images)} image files of the {split} split "
-          f"can be used; the first: " + "; ".join(
-              f"{path} {reason} ({detail})" for path, reason, detail in skipped[:3]))
+        f"{self._folder}: none of the {len(images)} image files of the {split} split "
+        f"can be used; the first: "
+        + "; ".join(f"{path} {reason} ({detail})" for path, reason, detail in skipped[:3])
+      )
     self._counts[split] = {
-        "written": written, "skipped": skipped_counts,
-        "converted": dict(sorted(converted.items())), "downscaled": downscaled}
+      "written": written,
+      "skipped": skipped_counts,
+      "converted": dict(sorted(converted.items())),
+      "downscaled": downscaled,
+    }
     self._skipped[split] = skipped
     done = [s for s in self._source.images if s in self._counts]  # in split order
     self.info.metadata["splits"] = {s: self._counts[s] for s in done}
-    self.info.metadata["skipped_files"] = [
-        entry for s in done for entry in self._skipped[s]][:_LISTED_SKIPS]
+    self.info.metadata["skipped_files"] = [entry for s in done for entry in self._skipped[s]][
+      :_LISTED_SKIPS
+    ]
 
   def _post_download_and_prepare_hook(self) -> None:
     report = preparation_report(self)
@@ -492,19 +534,28 @@ def _log_report(folder: str, data_path: str, report: dict[str, Any]) -> None:
   def describe(split, counts):
     skips = ", ".join(f"{n} {reason}" for reason, n in counts["skipped"].items() if n)
     modes = ", ".join(f"{n} {mode}" for mode, n in counts["converted"].items())
-    return (f"{split}: {counts['written']} written, {skips or 'none'} skipped, "
-            f"{modes or 'none'} converted to RGB, {counts['downscaled']} downscaled")
-  logging.info("Prepared image folder %s (%s, %d image files, %s) into %s. %s.", folder,
-               report["layout"], report["num_source_files"],
-               f"{len(report['classes'])} classes" if report["classes"] else "unlabelled",
-               data_path,
-               "; ".join(describe(s, c) for s, c in report["splits"].items()))
+    return (
+      f"{split}: {counts['written']} written, {skips or 'none'} skipped, "
+      f"{modes or 'none'} converted to RGB, {counts['downscaled']} downscaled"
+    )
+
+  logging.info(
+    "Prepared image folder %s (%s, %d image files, %s) into %s. %s.",
+    folder,
+    report["layout"],
+    report["num_source_files"],
+    f"{len(report['classes'])} classes" if report["classes"] else "unlabelled",
+    data_path,
+    "; ".join(describe(s, c) for s, c in report["splits"].items()),
+  )
   shown = report["skipped_files"][:_LOGGED_SKIPS]
   if shown:
-    logging.warning("Skipped files (the first %d; all counts in %s):\n%s", len(shown),
-                    os.path.join(data_path, REPORT_FILE),
-                    "\n".join(f"  {path}: {reason} ({detail})"
-                              for path, reason, detail in shown))
+    logging.warning(
+      "Skipped files (the first %d; all counts in %s):\n%s",
+      len(shown),
+      os.path.join(data_path, REPORT_FILE),
+      "\n".join(f"  {path}: {reason} ({detail})" for path, reason, detail in shown),
+    )
 
 
 def _data_root(data_dir: str | None) -> str:
@@ -519,8 +570,9 @@ def _prepared_path(folder: str, data_dir: str | None) -> str | None:
   return path if os.path.exists(os.path.join(path, "dataset_info.json")) else None
 
 
-def folder_builder(folder: str, data_dir: str | None, *,
-                   num_workers: int | None = None) -> tfds.core.DatasetBuilder:
+def folder_builder(
+  folder: str, data_dir: str | None, *, num_workers: int | None = None
+) -> tfds.core.DatasetBuilder:
   """The TFDS builder of `folder`'s images in `data_dir`.
 
   A prepared folder is read from `data_dir` alone (`tfds.builder_from_directory`:
@@ -566,20 +618,30 @@ def _warn_if_stale(folder: str, data_path: str, report: dict[str, Any]) -> None:
     listings, _ = _list_folder(folder)
     count = sum(len(listing.images) for listing in listings.values())
   except (NoImagesError, ValueError) as e:
-    logging.warning("Image folder %s can no longer be read (%s); using the data prepared "
-                    "from it in %s.", folder, e, data_path)
+    logging.warning(
+      "Image folder %s can no longer be read (%s); using the data prepared from it in %s.",
+      folder,
+      e,
+      data_path,
+    )
     return
   prepared = report["num_source_files"]
   if count != prepared:
     change = f"{count - prepared} added" if count > prepared else f"{prepared - count} removed"
     logging.warning(
-        "Image folder %s holds %d image files, but %d when it was prepared (%s): the "
-        "prepared data is used as it is. To prepare it again, delete %s.", folder, count,
-        prepared, change, data_path)
+      "Image folder %s holds %d image files, but %d when it was prepared (%s): the "
+      "prepared data is used as it is. To prepare it again, delete %s.",
+      folder,
+      count,
+      prepared,
+      change,
+      data_path,
+    )
 
 
-def prepare_image_folder(folder: str, data_dir: str | None, *,
-                         num_workers: int | None = None) -> dict[str, Any]:
+def prepare_image_folder(
+  folder: str, data_dir: str | None, *, num_workers: int | None = None
+) -> dict[str, Any]:
   """Prepares `folder`'s images as an ArrayRecord TFDS dataset in `data_dir`, once.
 
   An already prepared folder is not prepared again: its report is returned, with
@@ -603,6 +665,7 @@ def prepare_image_folder(folder: str, data_dir: str | None, *,
     _warn_if_stale(_absolute(folder), os.fspath(builder.data_path), report)
     return report
   builder.download_and_prepare(
-      file_format=tfds.core.FileFormat.ARRAY_RECORD,
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    file_format=tfds.core.FileFormat.ARRAY_RECORD,
+    download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+  )
   return preparation_report(builder)

@@ -24,7 +24,8 @@ class MetricLog:
   def __init__(self, workdir: str):
     self._is_writer = jax.process_index() == 0
     self.writer = metric_writers.create_default_writer(
-        workdir, just_logging=not self._is_writer, asynchronous=False)
+      workdir, just_logging=not self._is_writer, asynchronous=False
+    )
     self._path = os.path.join(workdir, METRICS_FILE)
 
   def truncate_after(self, step: int) -> None:
@@ -32,8 +33,9 @@ class MetricLog:
     if not self._is_writer or not os.path.exists(self._path):
       return
     records = read_metrics(self._path)
-    write_atomically(self._path, "".join(json.dumps(r) + "\n" for r in records
-                                         if r["step"] <= step))
+    write_atomically(
+      self._path, "".join(json.dumps(r) + "\n" for r in records if r["step"] <= step)
+    )
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     scalars = {k: float(v) for k, v in scalars.items()}

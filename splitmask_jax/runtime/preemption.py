@@ -33,8 +33,10 @@ class Preempted(Exception):
   """The run saved a checkpoint at `step` and stopped at a preemption notice."""
 
   def __init__(self, step: int):
-    super().__init__(f"Preempted: the state at step {step} is saved; run the same "
-                     f"command again to resume (exit status {EXIT_CODE}).")
+    super().__init__(
+      f"Preempted: the state at step {step} is saved; run the same "
+      f"command again to resume (exit status {EXIT_CODE})."
+    )
     self.step = step
 
 
@@ -61,8 +63,10 @@ class PreemptionWatcher:
         self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         self._installed = True
       else:
-        logging.warning("Not on the main thread: SIGTERM is not handled; a preempted "
-                        "run loses the steps since its last checkpoint.")
+        logging.warning(
+          "Not on the main thread: SIGTERM is not handled; a preempted "
+          "run loses the steps since its last checkpoint."
+        )
     return self
 
   def __exit__(self, *exc_info) -> None:

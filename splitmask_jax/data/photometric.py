@@ -23,10 +23,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from PIL import ImageFilter, ImageOps
+from PIL import ImageFilter
+from PIL import ImageOps
 
-from splitmask_jax import input_pipeline
-from splitmask_jax import randaugment
+from splitmask_jax.data import input_pipeline
+from splitmask_jax.data import randaugment
 
 # Config keys of `make_augment_fn`, also keyword arguments of `small_data_augment`.
 _PROB_KEYS = ("color_jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob")
@@ -41,12 +42,19 @@ def _check_probs(prefix: str, color_jitter, probs) -> None:
     randaugment._check_real(f"{prefix}{key}", prob, 0.0, 1.0)
 
 
-def small_data_augment(image: np.ndarray, rng: np.random.Generator, *,
-                       color_jitter: float = 0.4, color_jitter_prob: float = 0.8,
-                       grayscale_prob: float = 0.2, blur_prob: float = 0.5,
-                       blur_sigma: tuple[float, float] = (0.1, 2.0),
-                       blur_reference_size: int = 224, solarize_prob: float = 0.2,
-                       solarize_threshold: float = 128) -> np.ndarray:
+def small_data_augment(
+  image: np.ndarray,
+  rng: np.random.Generator,
+  *,
+  color_jitter: float = 0.4,
+  color_jitter_prob: float = 0.8,
+  grayscale_prob: float = 0.2,
+  blur_prob: float = 0.5,
+  blur_sigma: tuple[float, float] = (0.1, 2.0),
+  blur_reference_size: int = 224,
+  solarize_prob: float = 0.2,
+  solarize_threshold: float = 128,
+) -> np.ndarray:
   """Colour jitter, greyscale, Gaussian blur and solarization, each with a probability.
 
   The ops apply in that order. Draws, in this order, all from `rng`: four uniforms
@@ -80,9 +88,12 @@ def small_data_augment(image: np.ndarray, rng: np.random.Generator, *,
   randaugment._check_rng(rng)
   probs = (color_jitter_prob, grayscale_prob, blur_prob, solarize_prob)
   _check_probs("", color_jitter, probs)
-  if (isinstance(blur_sigma, str) or len(blur_sigma) != 2 or
-      not all(isinstance(s, numbers.Real) and math.isfinite(s) for s in blur_sigma) or
-      not 0 < blur_sigma[0] <= blur_sigma[1]):
+  if (
+    isinstance(blur_sigma, str)
+    or len(blur_sigma) != 2
+    or not all(isinstance(s, numbers.Real) and math.isfinite(s) for s in blur_sigma)
+    or not 0 < blur_sigma[0] <= blur_sigma[1]
+  ):
     raise ValueError(f"blur_sigma must be (min, max) with 0 < min <= max, got {blur_sigma!r}")
   randaugment._check_real("blur_reference_size", blur_reference_size, 1.0)
   randaugment._check_real("solarize_threshold", solarize_threshold, 0.0, 256.0)
@@ -120,8 +131,9 @@ def make_augment_fn(config_augment: Mapping[str, Any]) -> input_pipeline.ImageAu
   """
   missing = [key for key in CONFIG_KEYS if key not in config_augment]
   if missing:
-    raise ValueError(f"config.augment lacks {missing}; the small-data augmentation needs "
-                     f"{list(CONFIG_KEYS)}.")
+    raise ValueError(
+      f"config.augment lacks {missing}; the small-data augmentation needs {list(CONFIG_KEYS)}."
+    )
   options = {key: config_augment[key] for key in CONFIG_KEYS}
   probs = [options[key] for key in _PROB_KEYS]
   _check_probs("config.augment.", options["color_jitter"], probs)

@@ -34,11 +34,15 @@ class Checkpointer:
   def __init__(self, workdir: str, *, keep: int):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": grain.checkpoint.CheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             cleanup_tmp_directories=True))
+      self.directory,
+      item_handlers={
+        "state": ocp.StandardCheckpointHandler(),
+        "data": grain.checkpoint.CheckpointHandler(),
+      },
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, cleanup_tmp_directories=True
+      ),
+    )
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -53,9 +57,12 @@ class Checkpointer:
 
   def save(self, step: int, state, data_iterator) -> None:
     """Starts an asynchronous save; the iterator position is captured now."""
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator)))
+    self._manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)
+      ),
+    )
 
   def restore(self, step: int, state_like, data_iterator):
     """Restores `step` into the structure and shardings of `state_like`.
@@ -63,9 +70,13 @@ class Checkpointer:
     The data iterator is restored in place; returns the train state.
     """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
+    restored = self._manager.restore(
+      step,
+      args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract),
-        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        data=grain.checkpoint.CheckpointRestore(data_iterator),
+      ),
+    )
     return restored["state"]
 
   def wait(self) -> None:
@@ -88,11 +99,17 @@ class BestCheckpointer:
     self.directory = os.path.join(os.path.abspath(workdir), BEST_DIR)
     self.metric = metric
     self._manager = ocp.CheckpointManager(
-        self.directory, item_handlers={"state": ocp.StandardCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, best_fn=lambda metrics: metrics[metric], best_mode="min",
-            keep_checkpoints_without_metrics=False, create=True,
-            cleanup_tmp_directories=True))
+      self.directory,
+      item_handlers={"state": ocp.StandardCheckpointHandler()},
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=1,
+        best_fn=lambda metrics: metrics[metric],
+        best_mode="min",
+        keep_checkpoints_without_metrics=False,
+        create=True,
+        cleanup_tmp_directories=True,
+      ),
+    )
     # Read once: orbax records a save's metrics only when the save is committed.
     step = self._manager.best_step()
     metrics = None if step is None else self._manager.metrics(step)
@@ -110,8 +127,11 @@ class BestCheckpointer:
     best = self.best()
     if not np.isfinite(value) or (best is not None and value >= best[1]):
       return False
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
-                       metrics={self.metric: float(value)})
+    self._manager.save(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+      metrics={self.metric: float(value)},
+    )
     self._best = (step, float(value))
     return True
 
@@ -119,8 +139,9 @@ class BestCheckpointer:
     self._manager.close()
 
 
-def load_arrays(workdir: str, names: tuple[str, ...],
-                step: int | None = None, *, best: bool = False) -> tuple[dict, int]:
+def load_arrays(
+  workdir: str, names: tuple[str, ...], step: int | None = None, *, best: bool = False
+) -> tuple[dict, int]:
   """Reads parts of the train state saved in another run's workdir, as host arrays.
 
   For initialising a downstream model from a pre-training run, exporting one or
@@ -146,38 +167,47 @@ def load_arrays(workdir: str, names: tuple[str, ...],
   folder = BEST_DIR if best else "checkpoints"
   directory = os.path.join(os.path.abspath(workdir), folder)
   if not os.path.isdir(directory):
-    what = ("a pre-training run that evaluated with keep_best_checkpoint=True" if best else
-            "a finished (or checkpointed) run")
-    raise FileNotFoundError(f"{workdir} holds no {folder}/ folder: pass the workdir of "
-                            f"{what}.")
+    what = (
+      "a pre-training run that evaluated with keep_best_checkpoint=True"
+      if best
+      else "a finished (or checkpointed) run"
+    )
+    raise FileNotFoundError(f"{workdir} holds no {folder}/ folder: pass the workdir of {what}.")
   # A plain tree reader: no train state to match, every leaf read as numpy.
-  manager = ocp.CheckpointManager(directory,
-                                  item_handlers={"state": ocp.PyTreeCheckpointHandler()},
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  manager = ocp.CheckpointManager(
+    directory,
+    item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+    options=ocp.CheckpointManagerOptions(read_only=True),
+  )
   try:
     steps = manager.all_steps()
     if not steps:
       raise FileNotFoundError(f"{directory} holds no complete checkpoint.")
     step = max(steps) if step is None else step
     if step not in steps:
-      raise FileNotFoundError(f"{directory} holds no checkpoint of step {step}; it holds "
-                              f"steps {sorted(steps)}.")
+      raise FileNotFoundError(
+        f"{directory} holds no checkpoint of step {step}; it holds steps {sorted(steps)}."
+      )
     tree = manager.item_metadata(step)["state"].tree
     unknown = [name for name in names if name not in tree]
     if unknown:
-      raise KeyError(f"The checkpoint of step {step} in {directory} has no {unknown}; it "
-                     f"holds {sorted(tree)}.")
+      raise KeyError(
+        f"The checkpoint of step {step} in {directory} has no {unknown}; it holds {sorted(tree)}."
+      )
     item = {name: tree[name] for name in names}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True)))["state"]
+    state = manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+      ),
+    )["state"]
   finally:
     manager.close()
   return {name: state[name] for name in names}, step
 
 
-def load_params(workdir: str, step: int | None = None, *,
-                best: bool = False) -> tuple[dict, int]:
+def load_params(workdir: str, step: int | None = None, *, best: bool = False) -> tuple[dict, int]:
   """The flax variables `{'params': ...}` of a run's checkpoint (see `load_arrays`)
   and the step they were saved at."""
   arrays, step = load_arrays(workdir, ("params",), step, best=best)

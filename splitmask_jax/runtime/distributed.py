@@ -32,9 +32,12 @@ from absl import logging
 EXPLICIT, SLURM, TPU, SINGLE = "explicit", "slurm", "tpu", "single"
 
 
-def detect(coordinator_address: str | None = None, num_processes: int | None = None,
-           process_id: int | None = None,
-           environ: Mapping[str, str] | None = None) -> str:
+def detect(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  environ: Mapping[str, str] | None = None,
+) -> str:
   """How this process joins the run: EXPLICIT, SLURM, TPU or SINGLE (see the module doc).
 
   Raises:
@@ -42,19 +45,26 @@ def detect(coordinator_address: str | None = None, num_processes: int | None = N
       are inconsistent.
   """
   environ = os.environ if environ is None else environ
-  flags = {"coordinator_address": coordinator_address, "num_processes": num_processes,
-           "process_id": process_id}
+  flags = {
+    "coordinator_address": coordinator_address,
+    "num_processes": num_processes,
+    "process_id": process_id,
+  }
   given = {k for k, v in flags.items() if v is not None}
   if given and given != set(flags):
-    raise ValueError(f"--{', --'.join(sorted(given))} given without "
-                     f"--{', --'.join(sorted(set(flags) - given))}: a multi-process run "
-                     "needs all three of --coordinator_address, --num_processes, "
-                     "--process_id.")
+    raise ValueError(
+      f"--{', --'.join(sorted(given))} given without "
+      f"--{', --'.join(sorted(set(flags) - given))}: a multi-process run "
+      "needs all three of --coordinator_address, --num_processes, "
+      "--process_id."
+    )
   if given:
     if num_processes < 1 or not 0 <= process_id < num_processes:
-      raise ValueError(f"--num_processes={num_processes} --process_id={process_id} are "
-                       "invalid: need num_processes >= 1 and 0 <= process_id < "
-                       "num_processes.")
+      raise ValueError(
+        f"--num_processes={num_processes} --process_id={process_id} are "
+        "invalid: need num_processes >= 1 and 0 <= process_id < "
+        "num_processes."
+      )
     return EXPLICIT
   if "SLURM_JOB_ID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
     return SLURM
@@ -67,8 +77,11 @@ def _libtpu_installed() -> bool:
   return importlib.util.find_spec("libtpu") is not None
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> str:
+def initialize(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> str:
   """Starts the multi-host runtime when the run is multi-host; returns `detect`'s answer.
 
   Must run before any JAX computation or device query. Calling it again once
@@ -84,7 +97,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
   else:
     jax.distributed.initialize()  # JAX's own SLURM / Cloud TPU detection.
-  logging.info("Multi-host runtime (%s): process %d of %d, %d local / %d global devices",
-               kind, jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count())
+  logging.info(
+    "Multi-host runtime (%s): process %d of %d, %d local / %d global devices",
+    kind,
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
   return kind

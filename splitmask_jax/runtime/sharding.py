@@ -17,7 +17,10 @@ import math
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
@@ -32,11 +35,15 @@ def check_mesh_config(mesh_config) -> None:
   for key in ("data", "fsdp"):
     value = mesh_config[key]
     if value == 0 or value < -1:
-      raise ValueError(f"config.mesh.{key}={value!r} is invalid: use a positive size "
-                       "or -1 (the rest of the devices).")
+      raise ValueError(
+        f"config.mesh.{key}={value!r} is invalid: use a positive size "
+        "or -1 (the rest of the devices)."
+      )
   if mesh_config.data == -1 and mesh_config.fsdp == -1:
-    raise ValueError("config.mesh.data=-1 and config.mesh.fsdp=-1 are invalid together: "
-                     "at most one axis can take the rest of the devices.")
+    raise ValueError(
+      "config.mesh.data=-1 and config.mesh.fsdp=-1 are invalid together: "
+      "at most one axis can take the rest of the devices."
+    )
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int]:
@@ -49,15 +56,17 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int]:
   if data == -1 or fsdp == -1:
     known_key, known = ("fsdp", fsdp) if data == -1 else ("data", data)
     if num_devices % known:
-      raise ValueError(f"config.mesh.{known_key}={known!r} is invalid: it must divide "
-                       f"the {num_devices} devices.")
+      raise ValueError(
+        f"config.mesh.{known_key}={known!r} is invalid: it must divide the {num_devices} devices."
+      )
     rest = num_devices // known
     data, fsdp = (rest, fsdp) if data == -1 else (data, rest)
   if num_devices % (data * fsdp):
     raise ValueError(
-        f"config.mesh.data={mesh_config.data!r}, config.mesh.fsdp={mesh_config.fsdp!r} "
-        f"are invalid: data * fsdp = {data * fsdp} must divide the {num_devices} devices "
-        "(use -1 on one axis for the rest).")
+      f"config.mesh.data={mesh_config.data!r}, config.mesh.fsdp={mesh_config.fsdp!r} "
+      f"are invalid: data * fsdp = {data * fsdp} must divide the {num_devices} devices "
+      "(use -1 on one axis for the rest)."
+    )
   return data, fsdp
 
 
@@ -75,13 +84,17 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
   data, fsdp = mesh_shape(mesh_config, len(devices))
   if jax.process_count() > 1 and data * fsdp != jax.device_count():
     raise ValueError(
-        f"config.mesh.data={mesh_config.data!r}, config.mesh.fsdp={mesh_config.fsdp!r} "
-        f"are invalid with {jax.process_count()} processes: the mesh must span all "
-        f"{jax.device_count()} devices.")
+      f"config.mesh.data={mesh_config.data!r}, config.mesh.fsdp={mesh_config.fsdp!r} "
+      f"are invalid with {jax.process_count()} processes: the mesh must span all "
+      f"{jax.device_count()} devices."
+    )
   # Auto axes: XLA's sharding propagation places the gathers and reductions.
-  return jax.make_mesh((data, fsdp), (DATA_AXIS, FSDP_AXIS),
-                       axis_types=(AxisType.Auto, AxisType.Auto),
-                       devices=devices[:data * fsdp])
+  return jax.make_mesh(
+    (data, fsdp),
+    (DATA_AXIS, FSDP_AXIS),
+    axis_types=(AxisType.Auto, AxisType.Auto),
+    devices=devices[: data * fsdp],
+  )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -93,8 +106,7 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def fsdp_spec(shape: tuple[int, ...], fsdp_size: int,
-              min_size: int = MIN_FSDP_SIZE) -> P:
+def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int = MIN_FSDP_SIZE) -> P:
   """Where an array of `shape` is split over the fsdp axis.
 
   The largest dimension divisible by `fsdp_size` is split (the first of equals);
@@ -132,12 +144,14 @@ def check_batch_size(batch_size: int, mesh: Mesh, key: str = "batch_size") -> in
   devices = mesh.devices.size
   if batch_size % devices:
     raise ValueError(
-        f"config.{key}={batch_size} is invalid: it must be divisible by the "
-        f"{devices} devices of the mesh.")
+      f"config.{key}={batch_size} is invalid: it must be divisible by the "
+      f"{devices} devices of the mesh."
+    )
   if batch_size % jax.process_count():
     raise ValueError(
-        f"config.{key}={batch_size} is invalid: it must be divisible by the "
-        f"{jax.process_count()} processes.")
+      f"config.{key}={batch_size} is invalid: it must be divisible by the "
+      f"{jax.process_count()} processes."
+    )
   return batch_size // jax.process_count()
 
 
@@ -149,5 +163,5 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   """
   sharding = batch_sharded(mesh)
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-      local_batch)
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+  )

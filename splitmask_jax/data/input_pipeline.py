@@ -19,7 +19,9 @@ from __future__ import annotations
 import functools
 import math
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import grain
@@ -45,13 +47,15 @@ _MAX_UNREADABLE_IN_A_ROW = 100
 def _check_image(image: np.ndarray) -> np.ndarray:
   image = np.asarray(image)
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3):
-    raise ValueError(f"image must be uint8 [H, W, C] with C in (1, 3), got "
-                     f"{image.dtype} {image.shape}.")
+    raise ValueError(
+      f"image must be uint8 [H, W, C] with C in (1, 3), got {image.dtype} {image.shape}."
+    )
   return image
 
 
-def _resize(image: np.ndarray, image_size: int,
-            box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+def _resize(
+  image: np.ndarray, image_size: int, box: tuple[int, int, int, int] | None = None
+) -> np.ndarray:
   """Crops `box` (left, upper, right, lower) of `image` and resizes it (uint8)."""
   height, width, channels = image.shape
   if box in (None, (0, 0, width, height)) and (height, width) == (image_size,) * 2:
@@ -61,10 +65,13 @@ def _resize(image: np.ndarray, image_size: int,
   return out[..., None] if channels == 1 else out
 
 
-def sample_crop_box(height: int, width: int, rng: np.random.Generator,
-                    scale: tuple[float, float],
-                    ratio: tuple[float, float] = DEFAULT_CROP_RATIO
-                   ) -> tuple[int, int, int, int]:
+def sample_crop_box(
+  height: int,
+  width: int,
+  rng: np.random.Generator,
+  scale: tuple[float, float],
+  ratio: tuple[float, float] = DEFAULT_CROP_RATIO,
+) -> tuple[int, int, int, int]:
   """Samples a random resized crop with torchvision's rule.
 
   Up to 10 tries draw an area fraction ~ U(scale) and an aspect ratio (w / h)
@@ -101,9 +108,14 @@ def sample_crop_box(height: int, width: int, rng: np.random.Generator,
   return (height - h) // 2, (width - w) // 2, h, w
 
 
-def augment(image: np.ndarray, rng: np.random.Generator, *, image_size: int,
-            crop_scale: tuple[float, float],
-            crop_ratio: tuple[float, float] = DEFAULT_CROP_RATIO) -> np.ndarray:
+def augment(
+  image: np.ndarray,
+  rng: np.random.Generator,
+  *,
+  image_size: int,
+  crop_scale: tuple[float, float],
+  crop_ratio: tuple[float, float] = DEFAULT_CROP_RATIO,
+) -> np.ndarray:
   """Random resized crop to image_size x image_size, then a random horizontal flip.
 
   Args:
@@ -117,8 +129,7 @@ def augment(image: np.ndarray, rng: np.random.Generator, *, image_size: int,
     uint8 [image_size, image_size, C].
   """
   image = _check_image(image)
-  top, left, h, w = sample_crop_box(image.shape[0], image.shape[1], rng,
-                                    crop_scale, crop_ratio)
+  top, left, h, w = sample_crop_box(image.shape[0], image.shape[1], rng, crop_scale, crop_ratio)
   out = _resize(image, image_size, box=(left, top, left + w, top + h))
   if rng.random() < 0.5:
     out = out[:, ::-1]
@@ -134,8 +145,7 @@ def _read(source: Sequence[Any], index: int) -> Any | None:
   # reading one record makes that record unreadable; _SkipUnreadable fails on
   # a source whose records fail in a long row.
   except Exception as e:  # pylint: disable=broad-except
-    logging.log_every_n(logging.WARNING, "Skipping unreadable record %d: %r", 100,
-                        index, e)
+    logging.log_every_n(logging.WARNING, "Skipping unreadable record %d: %r", 100, index, e)
     return None
 
 
@@ -159,9 +169,11 @@ class _SkipUnreadable:
       record = _read(self._source, (index + skipped) % size)
       if record is not None:
         return record, skipped
-    raise ValueError(f"Records {index % size} to {(index + skipped) % size} of the "
-                     f"source are all unreadable (see the warnings above): the data "
-                     f"is broken, not a few files of it.")
+    raise ValueError(
+      f"Records {index % size} to {(index + skipped) % size} of the "
+      f"source are all unreadable (see the warnings above): the data "
+      f"is broken, not a few files of it."
+    )
 
 
 def _record_image(record: Mapping[str, Any]) -> np.ndarray:
@@ -173,22 +185,31 @@ def _record_image(record: Mapping[str, Any]) -> np.ndarray:
 def _masks(mask_fn: MaskFn, rng: np.random.Generator) -> dict[str, np.ndarray]:
   masks = mask_fn(rng)
   if not isinstance(masks, Mapping) or {"image", "label", "valid", SKIPPED_KEY} & set(masks):
-    raise ValueError("mask_fn must return a dict of arrays whose keys are not "
-                     f"'image', 'label', 'valid' or {SKIPPED_KEY!r}, got {masks!r}.")
+    raise ValueError(
+      "mask_fn must return a dict of arrays whose keys are not "
+      f"'image', 'label', 'valid' or {SKIPPED_KEY!r}, got {masks!r}."
+    )
   return dict(masks)
 
 
-def _pretrain_example(item: tuple[Mapping[str, Any], int], rng: np.random.Generator, *,
-                      image_size: int, crop_scale: tuple[float, float],
-                      crop_ratio: tuple[float, float], mask_fn: MaskFn | None,
-                      augment_fn: ImageAugmentFn | None,
-                      count_skipped: bool) -> dict[str, np.ndarray]:
+def _pretrain_example(
+  item: tuple[Mapping[str, Any], int],
+  rng: np.random.Generator,
+  *,
+  image_size: int,
+  crop_scale: tuple[float, float],
+  crop_ratio: tuple[float, float],
+  mask_fn: MaskFn | None,
+  augment_fn: ImageAugmentFn | None,
+  count_skipped: bool,
+) -> dict[str, np.ndarray]:
   record, skipped = item
   # The mask generator is split off first, so masks do not depend on how many
   # draws the augmentation makes.
   mask_rng = np.random.default_rng(rng.integers(2**63, size=2))
-  image = augment(_record_image(record), rng, image_size=image_size, crop_scale=crop_scale,
-                  crop_ratio=crop_ratio)
+  image = augment(
+    _record_image(record), rng, image_size=image_size, crop_scale=crop_scale, crop_ratio=crop_ratio
+  )
   if augment_fn is not None:
     image = augment_fn(image, rng)
   example = {"image": image}
@@ -199,8 +220,14 @@ def _pretrain_example(item: tuple[Mapping[str, Any], int], rng: np.random.Genera
   return example
 
 
-def _check_common(source: Sequence[Any], batch_size: int, image_size: int,
-                  process_index: int, process_count: int, seed: int) -> None:
+def _check_common(
+  source: Sequence[Any],
+  batch_size: int,
+  image_size: int,
+  process_index: int,
+  process_count: int,
+  seed: int,
+) -> None:
   if len(source) == 0:
     raise ValueError("source must hold at least one record, got an empty source.")
   if batch_size < 1:
@@ -208,22 +235,31 @@ def _check_common(source: Sequence[Any], batch_size: int, image_size: int,
   if image_size < 1:
     raise ValueError(f"image_size must be >= 1, got {image_size}.")
   if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(f"process_index must be in [0, process_count) with "
-                     f"process_count >= 1, got process_index={process_index}, "
-                     f"process_count={process_count}.")
+    raise ValueError(
+      f"process_index must be in [0, process_count) with "
+      f"process_count >= 1, got process_index={process_index}, "
+      f"process_count={process_count}."
+    )
   if not 0 <= seed < 2**32:
     raise ValueError(f"seed must be in [0, 2**32), got {seed}.")
 
 
-def pretrain_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int,
-                     image_size: int,
-                     crop_scale: tuple[float, float] = (0.08, 1.0),
-                     crop_ratio: tuple[float, float] = DEFAULT_CROP_RATIO,
-                     augment_fn: ImageAugmentFn | None = None,
-                     mask_fn: MaskFn | None, seed: int, process_index: int = 0,
-                     process_count: int = 1, num_workers: int = 0,
-                     prefetch_buffer: int = 2,
-                     count_skipped: bool = False) -> grain.IterDataset:
+def pretrain_dataset(
+  source: Sequence[Mapping[str, Any]],
+  *,
+  batch_size: int,
+  image_size: int,
+  crop_scale: tuple[float, float] = (0.08, 1.0),
+  crop_ratio: tuple[float, float] = DEFAULT_CROP_RATIO,
+  augment_fn: ImageAugmentFn | None = None,
+  mask_fn: MaskFn | None,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_workers: int = 0,
+  prefetch_buffer: int = 2,
+  count_skipped: bool = False,
+) -> grain.IterDataset:
   """Infinite stream of augmented, masked pre-training batches for one process.
 
   The global stream is the source reshuffled every epoch, epoch after epoch;
@@ -266,13 +302,23 @@ def pretrain_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int,
   _check_common(source, batch_size, image_size, process_index, process_count, seed)
   _check_stream_args(crop_scale, crop_ratio, num_workers, prefetch_buffer)
   example_fn = functools.partial(
-      _pretrain_example, image_size=image_size, crop_scale=tuple(crop_scale),
-      crop_ratio=tuple(crop_ratio), mask_fn=mask_fn, augment_fn=augment_fn,
-      count_skipped=count_skipped)
-  return _batched_stream(_shuffled_records(source, seed, repeats=1), example_fn,
-                         batch_size=batch_size, process_index=process_index,
-                         process_count=process_count, num_workers=num_workers,
-                         prefetch_buffer=prefetch_buffer)
+    _pretrain_example,
+    image_size=image_size,
+    crop_scale=tuple(crop_scale),
+    crop_ratio=tuple(crop_ratio),
+    mask_fn=mask_fn,
+    augment_fn=augment_fn,
+    count_skipped=count_skipped,
+  )
+  return _batched_stream(
+    _shuffled_records(source, seed, repeats=1),
+    example_fn,
+    batch_size=batch_size,
+    process_index=process_index,
+    process_count=process_count,
+    num_workers=num_workers,
+    prefetch_buffer=prefetch_buffer,
+  )
 
 
 def _check_stream_args(crop_scale, crop_ratio, num_workers, prefetch_buffer) -> None:
@@ -314,9 +360,16 @@ def _shuffled_records(source: Sequence[Any], seed: int, repeats: int) -> grain.M
   return ds if repeats == 1 else _RepeatedRecords(ds, len(source), repeats)
 
 
-def _batched_stream(records: grain.MapDataset, example_fn, *, batch_size: int,
-                    process_index: int, process_count: int, num_workers: int,
-                    prefetch_buffer: int) -> grain.IterDataset:
+def _batched_stream(
+  records: grain.MapDataset,
+  example_fn,
+  *,
+  batch_size: int,
+  process_index: int,
+  process_count: int,
+  num_workers: int,
+  prefetch_buffer: int,
+) -> grain.IterDataset:
   """Augments the global stream, takes this process's share, batches, prefetches."""
   # Random draws before sharding: an element's generator follows from its
   # position in the global stream, not from the process that reads it.
@@ -325,34 +378,51 @@ def _batched_stream(records: grain.MapDataset, example_fn, *, batch_size: int,
   # Batching before the worker split keeps every batch identical for any number
   # of workers: worker w computes whole batches w, w + W, ...
   ds = ds.batch(batch_size, drop_remainder=True)
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=prefetch_buffer, prefetch_buffer_size=prefetch_buffer))
+  it_ds = ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=prefetch_buffer, prefetch_buffer_size=prefetch_buffer)
+  )
   if num_workers > 0:
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=prefetch_buffer))
+    it_ds = it_ds.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch_buffer)
+    )
   return it_ds
 
 
-def _finetune_example(item: tuple[Mapping[str, Any], int], rng: np.random.Generator, *,
-                      image_size: int, crop_scale: tuple[float, float],
-                      crop_ratio: tuple[float, float],
-                      augment_fn: ImageAugmentFn | None) -> dict[str, np.ndarray]:
+def _finetune_example(
+  item: tuple[Mapping[str, Any], int],
+  rng: np.random.Generator,
+  *,
+  image_size: int,
+  crop_scale: tuple[float, float],
+  crop_ratio: tuple[float, float],
+  augment_fn: ImageAugmentFn | None,
+) -> dict[str, np.ndarray]:
   record, skipped = item
   if "label" not in record:
     raise ValueError(f"fine-tuning records must hold a 'label'; they hold {sorted(record)}.")
-  image = augment(_record_image(record), rng, image_size=image_size, crop_scale=crop_scale,
-                  crop_ratio=crop_ratio)
+  image = augment(
+    _record_image(record), rng, image_size=image_size, crop_scale=crop_scale, crop_ratio=crop_ratio
+  )
   if augment_fn is not None:
     image = augment_fn(image, rng)
   return {"image": image, "label": np.int32(record["label"]), SKIPPED_KEY: np.int32(skipped)}
 
 
-def finetune_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int,
-                     image_size: int, crop_scale: tuple[float, float] = (0.08, 1.0),
-                     crop_ratio: tuple[float, float] = DEFAULT_CROP_RATIO,
-                     augment_fn: ImageAugmentFn | None = None, repeats: int = 1,
-                     seed: int, process_index: int = 0, process_count: int = 1,
-                     num_workers: int = 0, prefetch_buffer: int = 2) -> grain.IterDataset:
+def finetune_dataset(
+  source: Sequence[Mapping[str, Any]],
+  *,
+  batch_size: int,
+  image_size: int,
+  crop_scale: tuple[float, float] = (0.08, 1.0),
+  crop_ratio: tuple[float, float] = DEFAULT_CROP_RATIO,
+  augment_fn: ImageAugmentFn | None = None,
+  repeats: int = 1,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_workers: int = 0,
+  prefetch_buffer: int = 2,
+) -> grain.IterDataset:
   """Infinite stream of augmented, labelled fine-tuning batches for one process.
 
   The same global stream, sharding, determinism and unreadable-record handling
@@ -378,19 +448,37 @@ def finetune_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int,
   if repeats < 1:
     raise ValueError(f"repeats must be >= 1, got {repeats}.")
   example_fn = functools.partial(
-      _finetune_example, image_size=image_size, crop_scale=tuple(crop_scale),
-      crop_ratio=tuple(crop_ratio), augment_fn=augment_fn)
-  return _batched_stream(_shuffled_records(source, seed, repeats), example_fn,
-                         batch_size=batch_size, process_index=process_index,
-                         process_count=process_count, num_workers=num_workers,
-                         prefetch_buffer=prefetch_buffer)
+    _finetune_example,
+    image_size=image_size,
+    crop_scale=tuple(crop_scale),
+    crop_ratio=tuple(crop_ratio),
+    augment_fn=augment_fn,
+  )
+  return _batched_stream(
+    _shuffled_records(source, seed, repeats),
+    example_fn,
+    batch_size=batch_size,
+    process_index=process_index,
+    process_count=process_count,
+    num_workers=num_workers,
+    prefetch_buffer=prefetch_buffer,
+  )
 
 
-def _eval_example(index: int, *, source: Sequence[Mapping[str, Any]],
-                  num_examples: int, process_index: int, process_count: int,
-                  image_size: int, channels: int, with_labels: bool,
-                  mask_fn: MaskFn | None, seed: int,
-                  center_crop: float | None) -> dict[str, np.ndarray]:
+def _eval_example(
+  index: int,
+  *,
+  source: Sequence[Mapping[str, Any]],
+  num_examples: int,
+  process_index: int,
+  process_count: int,
+  image_size: int,
+  channels: int,
+  with_labels: bool,
+  mask_fn: MaskFn | None,
+  seed: int,
+  center_crop: float | None,
+) -> dict[str, np.ndarray]:
   global_index = process_index + index * process_count
   record = _read(source, global_index) if global_index < num_examples else None
   valid = record is not None
@@ -417,11 +505,19 @@ def _eval_example(index: int, *, source: Sequence[Mapping[str, Any]],
   return example
 
 
-def eval_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int,
-                 image_size: int, process_index: int = 0, process_count: int = 1,
-                 mask_fn: MaskFn | None = None, seed: int = 0,
-                 num_examples: int | None = None, with_labels: bool = True,
-                 center_crop: float | None = None) -> grain.IterDataset:
+def eval_dataset(
+  source: Sequence[Mapping[str, Any]],
+  *,
+  batch_size: int,
+  image_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  mask_fn: MaskFn | None = None,
+  seed: int = 0,
+  num_examples: int | None = None,
+  with_labels: bool = True,
+  center_crop: float | None = None,
+) -> grain.IterDataset:
   """Finite, deterministic evaluation batches for one process, padded to batch_size.
 
   Process p reads examples p, p + P, ... of the first `num_examples` records, each
@@ -460,20 +556,31 @@ def eval_dataset(source: Sequence[Mapping[str, Any]], *, batch_size: int,
   if num_examples is None:
     num_examples = len(source)
   elif not 1 <= num_examples <= len(source):
-    raise ValueError(f"num_examples must be in [1, {len(source)}] (the source's "
-                     f"size) or None, got {num_examples}.")
+    raise ValueError(
+      f"num_examples must be in [1, {len(source)}] (the source's size) or None, got {num_examples}."
+    )
   first, _ = _SkipUnreadable(source)[0]
   if with_labels and "label" not in first:
-    raise ValueError(f"with_labels=True needs records holding 'label'; they hold "
-                     f"{sorted(first)}. Pass with_labels=False for unlabelled data.")
+    raise ValueError(
+      f"with_labels=True needs records holding 'label'; they hold "
+      f"{sorted(first)}. Pass with_labels=False for unlabelled data."
+    )
   channels = _record_image(first).shape[-1]
   per_process = -(-num_examples // process_count)
   num_batches = -(-per_process // batch_size)
   example_fn = functools.partial(
-      _eval_example, source=source, num_examples=num_examples,
-      process_index=process_index, process_count=process_count,
-      image_size=image_size, channels=channels, with_labels=with_labels,
-      mask_fn=mask_fn, seed=seed, center_crop=center_crop)
+    _eval_example,
+    source=source,
+    num_examples=num_examples,
+    process_index=process_index,
+    process_count=process_count,
+    image_size=image_size,
+    channels=channels,
+    with_labels=with_labels,
+    mask_fn=mask_fn,
+    seed=seed,
+    center_crop=center_crop,
+  )
   ds = grain.MapDataset.range(num_batches * batch_size).map(example_fn)
   ds = ds.batch(batch_size, drop_remainder=True)
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
