@@ -4,9 +4,11 @@ For each model config (`VARIANT@IMAGE_SIZE`, e.g. `B/16@224`) and objective it
 builds the real train step (train_step.make_train_step: AdamW, clipping,
 tokenization, both losses) over all local devices, feeds it one fixed
 synthetic batch (random pixels, masks from the real mask function) and times
-steps after compilation. FLOPs per step come from the compiled step's XLA cost
-analysis; the peak is a large matmul in the step's compute dtype measured on
-the same device, so MFU = achieved FLOP/s / measured peak FLOP/s.
+steps after compilation. FLOPs per step are XLA's count of the step with the
+blocks unrolled (plan.count_flops: a scanned body would be counted once); the
+peak is a large matmul in the step's compute dtype measured on the same device,
+so MFU = achieved FLOP/s / measured peak FLOP/s. `--scan`, `--attention` and
+`--remat` set the model keys of the same names.
 
 `--peer` times the same SplitMask step written with PyTorch and timm's ViT
 (benchmarks/torch_peer.py) in the same run and reports JAX's images/s over
@@ -45,6 +47,7 @@ from splitmask_jax import config_base
 from splitmask_jax import masking
 from splitmask_jax import objectives
 from splitmask_jax import optim
+from splitmask_jax import plan
 from splitmask_jax import tokenizers
 from splitmask_jax import train_step as train_step_lib
 from splitmask_jax.data import datasets
@@ -55,7 +58,16 @@ MASK_RATIO = {"splitmask": 0.5, "beit": 0.4}
 
 
 def make_config(
-  spec: str, objective: str, *, batch_size: int, vocab_size: int, channels: int, dtype: str
+  spec: str,
+  objective: str,
+  *,
+  batch_size: int,
+  vocab_size: int,
+  channels: int,
+  dtype: str,
+  scan: bool = True,
+  attention: str = "auto",
+  remat: str = "none",
 ):
   """A run config for `VARIANT@IMAGE_SIZE` with the paper's recipe otherwise.
 
@@ -69,6 +81,9 @@ def make_config(
   config.model.image_size = int(size)
   config.model.num_channels = channels
   config.model.dtype = dtype
+  config.model.scan = scan
+  config.model.attention = attention
+  config.model.remat = remat
   config.tokenizer.vocab_size = vocab_size
   config.tokenizer.patch_size = max(1, int(variant.split("/")[1]) // 2)
   config.masking.ratio = MASK_RATIO[objective]
@@ -137,8 +152,9 @@ def jax_step(config, *, steps: int, warmup: int, trace_dir: str | None = None) -
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
-  # The cost analysis describes one device's partition of the program.
-  flops = float(compiled.cost_analysis()["flops"]) * mesh.devices.size
+  # XLA's count of the whole step with the blocks unrolled (a scanned body would
+  # be counted once), for every device together.
+  flops = plan.count_flops(config)
   holder = [state]
 
   def run():
@@ -223,9 +239,13 @@ def _environment() -> dict:
     ),
     platform.processor(),
   )
-  commit = subprocess.run(
-    ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-  ).stdout.strip()
+  # A copy of the tree without its git folder (a rented machine's) is told its commit.
+  commit = (
+    os.environ.get("SPLITMASK_COMMIT")
+    or subprocess.run(
+      ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+  )
   dirty = subprocess.run(
     ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
   ).stdout.strip()
@@ -254,6 +274,9 @@ _CHANNELS = flags.DEFINE_integer("channels", 3, "Image channels of the step benc
 _DTYPE = flags.DEFINE_string(
   "dtype", None, "Compute dtype; default float32 on CPU, bfloat16 elsewhere."
 )
+_SCAN = flags.DEFINE_bool("scan", True, "config.model.scan: the encoder's blocks under nn.scan.")
+_ATTENTION = flags.DEFINE_string("attention", "auto", "config.model.attention: auto, xla, cudnn.")
+_REMAT = flags.DEFINE_string("remat", "none", "config.model.remat: none, full, save_dots.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
 _MATMUL_SIZE = flags.DEFINE_integer(
@@ -298,6 +321,9 @@ def main(argv):
         vocab_size=_VOCAB_SIZE.value,
         channels=_CHANNELS.value,
         dtype=dtype,
+        scan=_SCAN.value,
+        attention=_ATTENTION.value,
+        remat=_REMAT.value,
       )
       row = {
         "config": spec,
@@ -305,6 +331,9 @@ def main(argv):
         "batch_size": batch_size,
         "vocab_size": _VOCAB_SIZE.value,
         "dtype": dtype,
+        "scan": _SCAN.value,
+        "attention": _ATTENTION.value,
+        "remat": _REMAT.value,
         **jax_step(
           config,
           steps=_STEPS.value,
@@ -317,9 +346,16 @@ def main(argv):
       row["mfu"] = row["tflops"] * 1e12 / (peak * jax.local_device_count())
       peer = "- | -"
       if _PEER.value and objective == "splitmask":
-        row["torch"] = torch_step(config, steps=_STEPS.value, warmup=_WARMUP.value)
-        row["jax_over_torch"] = row["images_per_sec"] / row["torch"]["images_per_sec"]
-        peer = f"{row['torch']['images_per_sec']:.1f} | {row['jax_over_torch']:.2f}"
+        try:
+          row["torch"] = torch_step(config, steps=_STEPS.value, warmup=_WARMUP.value)
+        except Exception as e:  # pylint: disable=broad-except
+          # The peer is a comparison: its failure (no torch, out of memory) is
+          # reported beside the JAX figures, which stand on their own.
+          row["torch_error"] = f"{type(e).__name__}: {e}"[:500]
+          peer = "failed | -"
+        else:
+          row["jax_over_torch"] = row["images_per_sec"] / row["torch"]["images_per_sec"]
+          peer = f"{row['torch']['images_per_sec']:.1f} | {row['jax_over_torch']:.2f}"
       rows.append(row)
       print(
         f"| {spec} | {objective} | {row['num_params'] / 1e6:.2f}M | {batch_size} | "

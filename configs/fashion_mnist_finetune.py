@@ -34,6 +34,7 @@ def get_config(arg: str | None = None):
   c.model.num_channels = 1
   c.model.drop_path = 0.1
   c.model.dtype = "float32"
+  c.model.scan = False
 
   c.data.dataset = "fashion_mnist"
   c.data.manual_dir = "/usr/share/datasets/fashion-mnist"

@@ -128,7 +128,17 @@ def _model_group() -> ml_collections.ConfigDict:
   m.num_channels = 3
   m.drop_path = 0.1
   m.dtype = "bfloat16"  # compute dtype; parameters stay float32
-  m.remat = False
+  # What each block keeps for its backward pass (vit.remat_policy): 'none' (all
+  # activations), 'full' (the block's input; the rest is recomputed), 'save_dots'
+  # (the dense layers' outputs). Memory for compute; the same function.
+  m.remat = "none"
+  # The encoder's blocks under nn.scan: one compiled block body (ViT-B and larger
+  # compile several times faster), parameters stacked under `blocks`. The same
+  # function as unrolled blocks; checkpoints convert between the layouts.
+  m.scan = True
+  # The attention kernel (vit.resolve_attention): 'auto' takes cuDNN's fused kernel
+  # on NVIDIA GPUs in bfloat16 / float16 and XLA's elsewhere; 'xla' or 'cudnn'.
+  m.attention = "auto"
   return m
 
 
@@ -374,6 +384,10 @@ def _check_model(model) -> None:
     _fail("model.num_channels", model.num_channels, "allowed values are 1 and 3")
   if not 0 <= model.drop_path < 1:
     _fail("model.drop_path", model.drop_path, "it must lie in [0, 1)")
+  if model.remat not in vit.REMAT_POLICIES:
+    _fail("model.remat", model.remat, f"allowed values are {vit.REMAT_POLICIES}")
+  if model.attention not in vit.ATTENTION_CHOICES:
+    _fail("model.attention", model.attention, f"allowed values are {vit.ATTENTION_CHOICES}")
 
 
 def _check_loop(config) -> None:
@@ -515,7 +529,13 @@ RESUMABLE_KEYS = (
   "profile.",
   "knn.",
   "probe.",
+  # How the same function is computed: memory for compute, and which kernel.
+  "model.remat",
+  "model.attention",
 )
+# Keys added after runs were written, with the value that computes what such a run
+# computed: a saved config without the key resumes when the new value is this one.
+ADDED_KEYS = {"model.scan": False}
 _ABSENT = "<absent>"
 
 
@@ -528,7 +548,9 @@ def resume_conflicts(saved: dict, config) -> dict[str, tuple[Any, Any]]:
 
   Returns:
     {dotted key: (saved value, new value)}, sorted by key; '<absent>' stands for
-    a key that one side lacks. Empty when the run may resume with `config`.
+    a key that one side lacks. A key of ADDED_KEYS that the saved config lacks
+    is compared at its value before it existed. Empty when the run may resume
+    with `config`.
   """
   old = _flatten(saved)
   # Through JSON, so both sides compare alike (tuples as lists, None as null).
@@ -537,6 +559,7 @@ def resume_conflicts(saved: dict, config) -> dict[str, tuple[Any, Any]]:
   for key in sorted(old.keys() | new.keys()):
     if any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS):
       continue
-    if old.get(key, _ABSENT) != new.get(key, _ABSENT):
+    before = old.get(key, ADDED_KEYS.get(key, _ABSENT))
+    if before != new.get(key, _ABSENT):
       conflicts[key] = (old.get(key, _ABSENT), new.get(key, _ABSENT))
   return conflicts

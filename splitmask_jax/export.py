@@ -50,6 +50,7 @@ from safetensors import numpy as safetensors_numpy
 from splitmask_jax import loop
 from splitmask_jax.models import vit
 from splitmask_jax.runtime import checkpointing
+from splitmask_jax.runtime import workdir as workdir_lib
 
 # The entrypoint only selects timm's VisionTransformer: `timm_kwargs` sets every
 # argument of the architecture, so the registered name's ViT-B/16 sizes never apply.
@@ -139,7 +140,7 @@ def to_timm_state_dict(
   Args:
     encoder_params: the `params` of a vit.Encoder (e.g. variables['params']['encoder']):
       'embedding' (kernel [p*p*C, D]), 'pos_embedding' [1, N, D], 'block_<i>'
-      and 'norm'; BEiT's 'mask_token' is left out.
+      (or scanned 'blocks') and 'norm'; BEiT's 'mask_token' is left out.
     head_params: a linear head's {'kernel': [D, K], 'bias': [K]}, or None.
     num_channels: C, channels of the input images (fixes p from p*p*C).
 
@@ -150,6 +151,7 @@ def to_timm_state_dict(
   Raises:
     ValueError: a parameter is missing, unknown, or of an inconsistent shape.
   """
+  encoder_params = vit.unscan_blocks(encoder_params)
   flat = {
     name: np.asarray(value, np.float32)
     for name, value in traverse_util.flatten_dict(encoder_params, sep="/").items()
@@ -216,14 +218,13 @@ def to_timm_state_dict(
 
 
 def _read_run_config(workdir: str) -> dict:
-  path = os.path.join(workdir, loop.CONFIG_FILE)
-  if not os.path.exists(path):
+  path = workdir_lib.path(workdir, loop.CONFIG_FILE)
+  if not path.exists():
     raise FileNotFoundError(
       f"{workdir} holds no {loop.CONFIG_FILE}: pass the workdir of a "
       "pre-training or fine-tuning run."
     )
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
 def export(workdir: str, output_dir: str, *, step: int | None = None) -> dict[str, str]:
@@ -241,7 +242,7 @@ def export(workdir: str, output_dir: str, *, step: int | None = None) -> dict[st
     FileNotFoundError: no config.json, no checkpoint, or not that step.
     ValueError: a task other than pretrain/finetune, or an invalid model config.
   """
-  workdir = os.path.abspath(workdir)
+  workdir = os.fspath(workdir_lib.path(workdir))
   config = _read_run_config(workdir)
   task = config.get("task", "pretrain")
   if task not in _TASKS:
@@ -260,12 +261,10 @@ def export(workdir: str, output_dir: str, *, step: int | None = None) -> dict[st
   # Pre-training evaluates whole images resized; fine-tuning its central crop.
   crop_pct = config.get("data", {}).get("test_crop_ratio", 1.0) if task == "finetune" else 1.0
 
-  os.makedirs(output_dir, exist_ok=True)
-  paths = {
-    "weights": os.path.join(output_dir, WEIGHTS_FILE),
-    "config": os.path.join(output_dir, CONFIG_FILE),
-  }
-  safetensors_numpy.save_file(state_dict, paths["weights"])
+  folder = workdir_lib.path(output_dir)
+  folder.mkdir(parents=True, exist_ok=True)
+  paths = {"weights": os.fspath(folder / WEIGHTS_FILE), "config": os.fspath(folder / CONFIG_FILE)}
+  workdir_lib.write_atomically(paths["weights"], safetensors_numpy.save(state_dict))
   exported = dict(
     architecture=ARCHITECTURE,
     num_classes=num_classes,
@@ -277,8 +276,7 @@ def export(workdir: str, output_dir: str, *, step: int | None = None) -> dict[st
     ),
     exported_from=dict(workdir=workdir, step=int(step), task=task, variant=model["variant"]),
   )
-  with open(paths["config"], "w") as f:
-    json.dump(exported, f, indent=2)
+  workdir_lib.write_atomically(paths["config"], json.dumps(exported, indent=2))
   return paths
 
 

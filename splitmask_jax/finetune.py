@@ -39,6 +39,7 @@ from splitmask_jax.models import vit
 from splitmask_jax.runtime import checkpointing
 from splitmask_jax.runtime import metric_log
 from splitmask_jax.runtime import sharding
+from splitmask_jax.runtime import workdir as workdir_lib
 
 # Model keys a downstream run must share with the run it starts from.
 _ENCODER_KEYS = ("variant", "image_size", "num_channels")
@@ -53,8 +54,11 @@ class ClassifierState:
   opt_state: Any
 
 
-def build_classifier(config, num_classes: int) -> classifier_lib.Classifier:
-  """The classifier of `config.model` (not yet initialised)."""
+def build_classifier(
+  config, num_classes: int, platform: str | None = None
+) -> classifier_lib.Classifier:
+  """The classifier of `config.model` (not yet initialised), to run on `platform`
+  ('cpu', 'gpu', 'tpu'; default: JAX's default backend)."""
   arch, patch = vit.parse_variant(config.model.variant)
   return classifier_lib.Classifier(
     **arch,
@@ -64,7 +68,7 @@ def build_classifier(config, num_classes: int) -> classifier_lib.Classifier:
     drop_path_rate=config.model.drop_path,
     head_init_scale=config.model.head_init_scale,
     dtype=jnp.dtype(config.model.dtype),
-    remat=config.model.remat,
+    **vit.block_options(config.model, platform or sharding.default_platform()),
   )
 
 
@@ -83,14 +87,13 @@ def check_init_run(config) -> dict | None:
   init = config.init
   if init.workdir is None:
     return None
-  path = os.path.join(init.workdir, loop.CONFIG_FILE)
-  if not os.path.exists(path):
+  path = workdir_lib.path(init.workdir, loop.CONFIG_FILE)
+  if not path.exists():
     raise FileNotFoundError(
       f"config.init.workdir={init.workdir!r} holds no {loop.CONFIG_FILE}: pass the workdir "
       "of a pre-training run (or None to fine-tune from random init)."
     )
-  with open(path) as f:
-    saved_model = json.load(f)["model"]
+  saved_model = json.loads(path.read_text())["model"]
   for key in _ENCODER_KEYS:
     if saved_model[key] != config.model[key]:
       raise ValueError(
@@ -116,7 +119,8 @@ def load_pretrained_encoder(variables: dict, pretrained: dict, *, source: str = 
     variables: the classifier's variables `{'params': {'encoder': ..., 'head': ...}}`.
     pretrained: a pre-training (or fine-tuning) run's variables; its
       `params/encoder` is copied, its other parts (decoder, BEiT's [MASK]
-      embedding) are left out.
+      embedding) are left out. Blocks saved scanned load into unrolled ones and
+      the other way round (vit.match_block_layout).
     source: where `pretrained` came from, for error messages.
 
   Returns:
@@ -134,6 +138,14 @@ def load_pretrained_encoder(variables: dict, pretrained: dict, *, source: str = 
       f"{source or 'the checkpoint'} holds no params/encoder: its top-level "
       f"parameters are {sorted(pretrained.get('params', {}))}."
     )
+  if vit.is_scanned(saved) != vit.is_scanned(target):
+    logging.info(
+      "Converting the encoder of %s from %s to %s blocks (config.model.scan=%s).",
+      source or "the checkpoint",
+      *(("scanned", "unrolled") if vit.is_scanned(saved) else ("unrolled", "scanned")),
+      vit.is_scanned(target),
+    )
+    saved = vit.match_block_layout(saved, target)
   flat_saved = flax.traverse_util.flatten_dict(saved, sep="/")
   problems = []
 
@@ -320,7 +332,7 @@ def finetune_and_evaluate(config, workdir: str, *, allow_config_change: bool = F
   train_source = datasets.training_share(config.data)
   total_steps, steps_per_epoch = loop.num_steps(config, len(train_source))
 
-  model = build_classifier(config, info.num_classes)
+  model = build_classifier(config, info.num_classes, sharding.platform_of(mesh))
   schedule = optim.learning_rate_schedule(
     config.optim, config.batch_size, total_steps, steps_per_epoch
   )

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 from absl import logging
-from clu import periodic_actions
 from jax.experimental import multihost_utils
 
 from splitmask_jax import config_base
@@ -28,6 +27,7 @@ from splitmask_jax.runtime import metric_log
 from splitmask_jax.runtime import preemption
 from splitmask_jax.runtime import profiling
 from splitmask_jax.runtime import sharding
+from splitmask_jax.runtime import workdir as workdir_lib
 
 CONFIG_FILE = "config.json"
 
@@ -38,11 +38,10 @@ def _check_workdir_config(config, workdir: str, allow_config_change: bool) -> bo
   Returns whether the saved config differs on keys that a resumption may not
   change (only possible when allowed).
   """
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = workdir_lib.path(workdir, CONFIG_FILE)
+  if not path.exists():
     return False
-  with open(path) as f:
-    conflicts = config_base.resume_conflicts(json.load(f), config)
+  conflicts = config_base.resume_conflicts(json.loads(path.read_text()), config)
   if conflicts and not allow_config_change:
     changes = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in conflicts.items())
     raise ValueError(
@@ -58,10 +57,11 @@ def save_config(config, workdir: str, replaced_at_step: int | None = None) -> No
   """Writes config.json; `replaced_at_step`: keep the one it replaces under that step."""
   if jax.process_index() != 0:
     return
-  path = os.path.join(workdir, CONFIG_FILE)
+  directory = workdir_lib.path(workdir)
+  path = directory / CONFIG_FILE
   if replaced_at_step is not None:
-    os.replace(path, os.path.join(workdir, f"config.until_step_{replaced_at_step}.json"))
-  metric_log.write_atomically(path, config.to_json_best_effort(indent=2, sort_keys=True))
+    path.rename(directory / f"config.until_step_{replaced_at_step}.json")
+  workdir_lib.write_atomically(path, config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def open_workdir(
@@ -84,16 +84,38 @@ def open_workdir(
   Returns:
     (the workdir's Checkpointer, the step to start from: 0 or the latest saved).
   """
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.path(workdir).mkdir(parents=True, exist_ok=True)
   config_changed = _check_workdir_config(config, workdir, allow_config_change)
   checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
   start_step = checkpointer.latest_step() or 0
+  if start_step:
+    _check_block_layout(config, checkpointer, start_step)
   if start_step and check_checkpoint is not None:
     check_checkpoint(checkpointer, start_step)
   if jax.process_count() > 1:  # every process has read config.json before it changes
     multihost_utils.sync_global_devices("config checked")
   save_config(config, workdir, start_step if config_changed else None)
   return checkpointer, start_step
+
+
+def _check_block_layout(config, checkpointer: checkpointing.Checkpointer, step: int) -> None:
+  """Refuses to resume scanned encoder blocks as unrolled ones or the other way round.
+
+  The two layouts compute the same function but hold the parameters (and the
+  optimizer's moments) in other shapes; fine-tuning and export convert them, a
+  resumed optimizer state is not converted.
+  """
+  saved = checkpointer.saved_names(step, ("params", "params", "encoder"))
+  if saved is None:
+    return
+  scanned = sharding.SCANNED in saved
+  if scanned != bool(config.model.scan):
+    raise ValueError(
+      f"The checkpoint of step {step} in {checkpointer.directory} holds the encoder's blocks "
+      f"{'scanned' if scanned else 'unrolled'}, but config.model.scan={config.model.scan}: "
+      f"resume with --config.model.scan={scanned} (both compute the same function; "
+      "fine-tuning and export read either)."
+    )
 
 
 def prepare_data(data) -> datasets.DatasetInfo:
@@ -240,9 +262,7 @@ def run(
   """
   accumulate = jax.jit(_accumulate, out_shardings=sharding.replicated(mesh))
   profiler = profiling.StepProfiler(config.profile, workdir, total_steps)
-  progress = periodic_actions.ReportProgress(
-    num_train_steps=total_steps, writer=log.writer, every_steps=config.log_every
-  )
+  progress = metric_log.Progress(total_steps, log.writer, config.log_every)
   last = {}
   window, window_steps, window_start = None, 0, time.time()
   with preemption.PreemptionWatcher() as watcher:
@@ -302,7 +322,7 @@ def run(
 def write_final_metrics(workdir: str, step: int, values: dict) -> None:
   """`final_metrics.json`: the run's last logged values (process 0 writes it)."""
   if jax.process_index() == 0:
-    metric_log.write_atomically(
-      os.path.join(workdir, "final_metrics.json"),
+    workdir_lib.write_atomically(
+      workdir_lib.path(workdir, "final_metrics.json"),
       json.dumps({"step": step, **values}, indent=2, sort_keys=True),
     )

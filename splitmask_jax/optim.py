@@ -6,23 +6,30 @@ from __future__ import annotations
 import re
 
 import jax
+import numpy as np
 import optax
+
+from splitmask_jax.runtime import sharding
 
 # Parameters that are embeddings rather than weights: BEiT and timm exempt them
 # from weight decay, as they do every vector (norm scales, biases).
 _NO_DECAY_NAMES = ("pos_embedding", "mask_token")
+# The parameters of scanned blocks (vit.Encoder.scan): one leaf per kind, stacked.
+_SCANNED = sharding.SCANNED
 
 
 def decay_mask(params):
   """A pytree of bools: True where weight decay applies.
 
   Decay applies to matrices and kernels; not to norm scales, biases (ndim <= 1)
-  or the position and mask embeddings.
+  or the position and mask embeddings. Scanned blocks (`blocks`) carry a leading
+  axis of blocks, which does not count.
   """
 
   def keep(path, leaf):
     names = {getattr(k, "key", None) for k in path}
-    return leaf.ndim > 1 and not names.intersection(_NO_DECAY_NAMES)
+    ndim = leaf.ndim - (_SCANNED in names)
+    return ndim > 1 and not names.intersection(_NO_DECAY_NAMES)
 
   return jax.tree_util.tree_map_with_path(keep, params)
 
@@ -54,14 +61,17 @@ def learning_rate_schedule(
 _BLOCK = re.compile(r"block_(\d+)")
 
 
-def layer_id(path: tuple[str, ...], depth: int) -> int:
+def layer_id(path: tuple[str, ...], depth: int) -> int | np.ndarray:
   """BEiT's layer index of an encoder parameter, from its path of names.
 
   0: the patch embedding and position / mask embeddings; i + 1: block i;
-  depth + 1: everything above the blocks (the final norm, the head).
+  depth + 1: everything above the blocks (the final norm, the head). A leaf of
+  scanned blocks holds every block: int [depth], 1 ... depth.
   """
   if "encoder" not in path:
     return depth + 1
+  if _SCANNED in path:
+    return np.arange(1, depth + 1)
   for name in path:
     match = _BLOCK.fullmatch(name)
     if match:
@@ -76,12 +86,16 @@ def layer_decay_multipliers(params, depth: int, decay: float):
 
   A parameter of layer l (see `layer_id`) learns at decay ** (depth + 1 - l)
   times the rate: the head at the full rate, each block below at `decay` times
-  the one above (BEiT's layer-wise decay; 1.0 gives all ones).
+  the one above (BEiT's layer-wise decay; 1.0 gives all ones). A leaf of scanned
+  blocks gets float64 [depth, 1, ...], block i's multiplier in row i.
   """
 
-  def multiplier(path, _):
+  def multiplier(path, leaf):
     names = tuple(str(getattr(k, "key", k)) for k in path)
-    return float(decay ** (depth + 1 - layer_id(names, depth)))
+    layer = layer_id(names, depth)
+    if isinstance(layer, np.ndarray):  # scanned blocks: one rate per block, broadcast
+      return (decay ** (depth + 1 - layer)).reshape((depth,) + (1,) * (leaf.ndim - 1))
+    return float(decay ** (depth + 1 - layer))
 
   return jax.tree_util.tree_map_with_path(multiplier, params)
 

@@ -25,6 +25,7 @@ different feature scales would each need their own learning rate.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import math
 import os
@@ -49,7 +50,7 @@ from splitmask_jax.data import datasets
 from splitmask_jax.data import input_pipeline
 from splitmask_jax.runtime import metric_log
 from splitmask_jax.runtime import sharding
-from splitmask_jax.runtime.metric_log import write_atomically
+from splitmask_jax.runtime import workdir as workdir_lib
 
 # BatchNorm1d's eps in MAE's probe: a constant feature standardises to 0.
 _STD_EPS = 1e-6
@@ -85,7 +86,7 @@ def probe_blocks(config, workdir: str) -> dict:
   local_batch = sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   pretrained = finetune.check_init_run(config)
   # Probing keeps no state to resume: a rerun redoes it and rewrites the config.
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.path(workdir).mkdir(parents=True, exist_ok=True)
   loop.save_config(config, workdir)
 
   data = config.data
@@ -104,7 +105,7 @@ def probe_blocks(config, workdir: str) -> dict:
       center_crop=data.test_crop_ratio,
     )
 
-  model = finetune.build_classifier(config, info.num_classes)
+  model = finetune.build_classifier(config, info.num_classes, sharding.platform_of(mesh))
   random_params = jax.jit(finetune.classifier_init_fn(model, config))(
     jax.random.PRNGKey(config.seed)
   )
@@ -419,17 +420,15 @@ def write_probe_report(
   for name, values in top1.items():
     if not all(math.isfinite(a) and 0.0 <= a <= 1.0 for a in values):
       raise ValueError(f"accuracies[{name!r}] must be top-1 fractions in [0, 1], got {values}")
-  os.makedirs(directory, exist_ok=True)
-  paths = {
-    "json": os.path.join(directory, PROBE_JSON),
-    "markdown": os.path.join(directory, PROBE_MARKDOWN),
-    "plot": os.path.join(directory, PROBE_PLOT),
-  }
-  write_atomically(
+  folder = workdir_lib.path(directory)
+  folder.mkdir(parents=True, exist_ok=True)
+  files = {"json": PROBE_JSON, "markdown": PROBE_MARKDOWN, "plot": PROBE_PLOT}
+  paths = {kind: os.fspath(folder / name) for kind, name in files.items()}
+  workdir_lib.write_atomically(
     paths["json"],
     json.dumps({"title": title, "num_blocks": num_blocks, "top1": top1}, indent=2) + "\n",
   )
-  write_atomically(paths["markdown"], _markdown_table(top1, num_blocks, title))
+  workdir_lib.write_atomically(paths["markdown"], _markdown_table(top1, num_blocks, title))
   _write_plot(paths["plot"], top1, num_blocks, title)
   return paths
 
@@ -454,7 +453,7 @@ def _markdown_table(top1: dict[str, list[float]], num_blocks: int, title: str) -
 
 
 def _write_plot(path: str, top1: dict[str, list[float]], num_blocks: int, title: str) -> None:
-  """Saves the plot to a temporary file beside `path`, then renames it over `path`."""
+  """Saves the plot as a PNG, replacing `path` atomically."""
   # A Figure with its own Agg canvas: no pyplot global state, no display needed.
   figure = Figure(figsize=(6, 4), dpi=100)
   FigureCanvasAgg(figure)
@@ -469,9 +468,6 @@ def _write_plot(path: str, top1: dict[str, list[float]], num_blocks: int, title:
   axes.grid(alpha=0.3)
   axes.legend()
   figure.tight_layout()
-  tmp = f"{path}.tmp"
-  with open(tmp, "wb") as f:
-    figure.savefig(f, format="png")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  png = io.BytesIO()
+  figure.savefig(png, format="png")
+  workdir_lib.write_atomically(path, png.getvalue())

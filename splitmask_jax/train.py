@@ -12,6 +12,9 @@ before any save, unless `skip_nonfinite_updates` skips such updates.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +43,7 @@ from splitmask_jax.runtime import sharding
 CONFIG_FILE = loop.CONFIG_FILE
 
 
-def _codebook_shape(config) -> tuple[int, int]:
+def codebook_shape(config) -> tuple[int, int]:
   """(V, d): visual words and the dimension of a tokenizer patch."""
   return config.tokenizer.vocab_size, tokenizers.codebook_dim(
     config.tokenizer.patch_size, config.model.num_channels
@@ -51,7 +54,7 @@ def _check_codebook(config, checkpointer: checkpointing.Checkpointer, step: int)
   """Fails before anything is built if the checkpoint's codebook cannot be restored."""
   tok = config.tokenizer
   saved = checkpointer.saved_shape(step, "codebook")
-  _, dim = _codebook_shape(config)
+  _, dim = codebook_shape(config)
   where = f"the checkpoint of step {step} in {checkpointer.directory}"
   if saved[0] != tok.vocab_size:
     raise ValueError(
@@ -106,7 +109,7 @@ def _sample_patches(config, source, grid, num_patches: int, seed: int) -> np.nda
 def build_codebook(config, source, grid, key) -> jax.Array:
   """The run's codebook, float32 [V, d], from `config.tokenizer`."""
   tok = config.tokenizer
-  _, dim = _codebook_shape(config)
+  _, dim = codebook_shape(config)
   patches = None
   if tok.kind != "random_projection":
     num = tok.kmeans_num_patches if tok.kind == "kmeans" else tok.vocab_size
@@ -162,6 +165,67 @@ def knn_evaluation(config, model, params_by_name: dict, mesh, num_classes: int) 
   return results
 
 
+class Training(NamedTuple):
+  """What a pre-training run compiles, built from its config alone (no data, no
+  devices): the function `train_and_evaluate` runs and `plan.py` compiles for
+  other targets."""
+
+  grid: tuple[int, int]
+  model: Any
+  loss_fn: objectives.LossFn
+  mask_fn: Callable[[np.random.Generator], dict[str, np.ndarray]]
+  schedule: optax.Schedule
+  optimizer: optax.GradientTransformation
+  max_skips: int  # the optimizer's max_consecutive_errors (0: every update applied)
+  example_inputs: tuple
+
+
+def build_training(
+  config, total_steps: int, steps_per_epoch: float, platform: str | None = None
+) -> Training:
+  """The model, loss, masks and optimizer of `config` for a run of `total_steps`.
+
+  Args:
+    platform: 'cpu', 'gpu' or 'tpu', where the step will run (default: JAX's
+      default backend); it picks the attention kernel.
+  """
+  grid = config_base.grid_size(config)
+  mask_fn = objectives.make_mask_fn(config, grid)
+  model = objectives.build_model(config, grid, platform)
+  schedule = optim.learning_rate_schedule(
+    config.optim, config.batch_size, total_steps, steps_per_epoch
+  )
+  # Always wrapped, so that the optimizer state has one structure and a run can
+  # resume with skipping switched on or off; 0 errors tolerated applies every update.
+  max_skips = config.max_consecutive_skips if config.skip_nonfinite_updates else 0
+  optimizer = optax.apply_if_finite(
+    optim.make_optimizer(config.optim, schedule), max_consecutive_errors=max_skips
+  )
+  return Training(
+    grid=grid,
+    model=model,
+    loss_fn=objectives.build_loss_fn(config, model, grid),
+    mask_fn=mask_fn,
+    schedule=schedule,
+    optimizer=optimizer,
+    max_skips=max_skips,
+    example_inputs=objectives.example_inputs(config, mask_fn(np.random.default_rng(0))),
+  )
+
+
+def make_train_step(config, parts: Training, mesh, state):
+  """The jitted `(state, batch) -> (state, metrics)` of a run (see train_step.py);
+  `state` (arrays or shapes) fixes the shardings."""
+  return train_step_lib.make_train_step(
+    objectives.step_loss(parts.loss_fn), parts.optimizer, parts.schedule, config.seed, mesh, state
+  )
+
+
+def make_eval_step(parts: Training, mesh, state):
+  """The jitted `(state, batch) -> metrics` of a run's held-out loss."""
+  return train_step_lib.make_eval_step(objectives.step_loss(parts.loss_fn), mesh, state)
+
+
 def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False) -> dict:
   """Pre-trains as `config` says, in `workdir`; returns the last logged values.
 
@@ -198,26 +262,13 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     check_checkpoint=lambda ckpt, step: _check_codebook(config, ckpt, step),
   )
 
-  grid = config_base.grid_size(config)
-  mask_fn = objectives.make_mask_fn(config, grid)
   data = config.data
   info = loop.prepare_data(data)
   train_source = datasets.training_share(data)
   total_steps, steps_per_epoch = loop.num_steps(config, len(train_source))
-
-  model = objectives.build_model(config, grid)
-  loss_fn = objectives.build_loss_fn(config, model, grid)
-  schedule = optim.learning_rate_schedule(
-    config.optim, config.batch_size, total_steps, steps_per_epoch
-  )
-  # Always wrapped, so that the optimizer state has one structure and a run can
-  # resume with skipping switched on or off; 0 errors tolerated applies every update.
-  max_skips = config.max_consecutive_skips if config.skip_nonfinite_updates else 0
-  optimizer = optax.apply_if_finite(
-    optim.make_optimizer(config.optim, schedule), max_consecutive_errors=max_skips
-  )
+  parts = build_training(config, total_steps, steps_per_epoch, sharding.platform_of(mesh))
+  grid, mask_fn, model = parts.grid, parts.mask_fn, parts.model
   init_key, codebook_key = jax.random.split(jax.random.PRNGKey(config.seed))
-  example_inputs = objectives.example_inputs(config, mask_fn(np.random.default_rng(0)))
 
   train_iter = iter(
     input_pipeline.pretrain_dataset(
@@ -239,13 +290,13 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   log = metric_log.MetricLog(workdir)
   if start_step:
     # The checkpoint holds the codebook: no need to rebuild it.
-    codebook = jnp.zeros(_codebook_shape(config), jnp.float32)
+    codebook = jnp.zeros(codebook_shape(config), jnp.float32)
   else:
     t0 = time.time()
     codebook = build_codebook(config, train_source, grid, codebook_key)
     logging.info("Built the %s codebook in %.1fs", config.tokenizer.kind, time.time() - t0)
   state = train_step_lib.init_train_state(
-    model, optimizer, codebook, example_inputs, init_key, mesh
+    model, parts.optimizer, codebook, parts.example_inputs, init_key, mesh
   )
   # Records past the checkpoint (all of them for a fresh start) are recomputed.
   log.truncate_after(start_step if start_step else -1)
@@ -255,11 +306,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   else:
     log.write(0, {"num_params": sum(x.size for x in jax.tree.leaves(state.params))})
 
-  step_loss = objectives.step_loss(loss_fn)
-  train_step = train_step_lib.make_train_step(
-    step_loss, optimizer, schedule, config.seed, mesh, state
-  )
-  eval_step = train_step_lib.make_eval_step(step_loss, mesh, state)
+  train_step = make_train_step(config, parts, mesh, state)
+  eval_step = make_eval_step(parts, mesh, state)
   val_source = datasets.load_source(data.dataset, data.val_split, data.data_dir)
 
   # Whole batches of held-out images: a split smaller than eval_batches batches is
@@ -314,7 +362,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
       state=state,
       train_iter=train_iter,
       train_step=train_step,
-      max_skips=max_skips,
+      max_skips=parts.max_skips,
       mesh=mesh,
       start_step=start_step,
       total_steps=total_steps,
@@ -328,7 +376,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     elif config.knn.enabled:
       t0 = time.time()
       random_params = jax.jit(
-        lambda k: model.init({"params": k, "dropout": k}, *example_inputs, train=False)
+        lambda k: model.init({"params": k, "dropout": k}, *parts.example_inputs, train=False)
       )(init_key)
       accuracy = knn_evaluation(
         config, model, {"pretrained": state.params, "random": random_params}, mesh, info.num_classes

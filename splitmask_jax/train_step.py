@@ -51,6 +51,23 @@ def init_train_state(
     rng: the parameter-init key.
   """
 
+  init = _init_fn(model, optimizer, example_inputs)
+  abstract = jax.eval_shape(init, rng, codebook)
+  return jax.jit(init, out_shardings=state_shardings(abstract, mesh))(rng, codebook)
+
+
+def abstract_train_state(
+  model,
+  optimizer: optax.GradientTransformation,
+  codebook_shape: tuple[int, int],
+  example_inputs: tuple,
+) -> TrainState:
+  """The TrainState's shapes and dtypes (jax.ShapeDtypeStruct leaves), computing nothing."""
+  codebook = jax.ShapeDtypeStruct(codebook_shape, jnp.float32)
+  return jax.eval_shape(_init_fn(model, optimizer, example_inputs), jax.random.PRNGKey(0), codebook)
+
+
+def _init_fn(model, optimizer, example_inputs):
   def init(rng, codebook):
     params = model.init({"params": rng, "dropout": rng}, *example_inputs, train=False)
     return TrainState(
@@ -60,8 +77,7 @@ def init_train_state(
       codebook=codebook,
     )
 
-  abstract = jax.eval_shape(init, rng, codebook)
-  return jax.jit(init, out_shardings=state_shardings(abstract, mesh))(rng, codebook)
+  return init
 
 
 def state_shardings(state, mesh: Mesh):

@@ -1,8 +1,10 @@
 """Test-session setup and shared fixtures.
 
-8 fake CPU devices, so sharded code paths run on a laptop: XLA reads the flag
-once, when the CPU backend starts, so it is set before anything initialises
-JAX's backends.
+8 fake CPU devices, so sharded code paths run on a laptop: XLA reads its flags
+once, when its first backend starts, so they are set before anything initialises
+JAX's backends. The same goes for the flag a deviceless GPU compile needs
+(`plan.GPU_COMPILE_FLAG`). Every test runs on the CPU: the TPU and CUDA
+compilers installed for the planner's tests are not asked to find devices.
 """
 
 import gzip
@@ -13,8 +15,10 @@ import numpy as np
 import pytest
 
 os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  os.environ.get("XLA_FLAGS", "")
+  + " --xla_force_host_platform_device_count=8 --xla_gpu_enable_triton_gemm=false"
 ).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 

@@ -1,4 +1,4 @@
-"""What several test files share: the repository's paths and its demo configs."""
+"""What several test files share: the repository's paths, its demo configs, a crash."""
 
 import importlib.util
 import pathlib
@@ -15,3 +15,20 @@ def load_config(arg=None, path=CONFIG_FILE):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+def crash_after_saving(monkeypatch, step: int) -> None:
+  """Makes `Checkpointer.save` raise RuntimeError('simulated crash') once the
+  checkpoint of `step` is on disk: a run that dies right after a save.
+  `monkeypatch.undo()` lets the next run save normally."""
+  from splitmask_jax.runtime import checkpointing  # pylint: disable=import-outside-toplevel
+
+  save = checkpointing.Checkpointer.save
+
+  def save_then_die(self, at_step, state, data_iterator):
+    save(self, at_step, state, data_iterator)
+    if at_step == step:
+      self.wait()
+      raise RuntimeError("simulated crash")
+
+  monkeypatch.setattr(checkpointing.Checkpointer, "save", save_then_die)

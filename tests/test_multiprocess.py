@@ -192,7 +192,7 @@ _SLURM_JOB = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}
 
 
 @pytest.mark.parametrize(
-  "flags, environ, libtpu, expected",
+  "flags, environ, tpu_vm, expected",
   [
     (("localhost:1234", 2, 1), _SLURM_JOB, True, distributed.EXPLICIT),
     ((None, None, None), _SLURM_JOB, True, distributed.SLURM),
@@ -201,9 +201,14 @@ _SLURM_JOB = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}
     ((None, None, None), {}, False, distributed.SINGLE),
   ],
 )
-def test_detect_precedence(flags, environ, libtpu, expected, monkeypatch):
-  monkeypatch.setattr(distributed, "_libtpu_installed", lambda: libtpu)
+def test_detect_precedence(flags, environ, tpu_vm, expected, monkeypatch):
+  monkeypatch.setattr(distributed, "_on_tpu_vm", lambda: tpu_vm)
   assert distributed.detect(*flags, environ=environ) == expected
+
+
+def test_libtpu_without_tpu_chips_is_not_a_tpu_vm():
+  """The planner's libtpu (this machine has no TPU) leaves a plain run single-process."""
+  assert distributed.detect(environ={}) == distributed.SINGLE
 
 
 @pytest.mark.parametrize(

@@ -422,7 +422,7 @@ def test_keys_outside_the_schema_fail(data_dir, tmp_path, monkeypatch):
   with pytest.raises(
     ValueError,
     match=r"config.model.depth is not a key of the config "
-    r"schema .* allowed keys in config.model are \['decoder_depth', ",
+    r"schema .* allowed keys in config.model are \['attention', 'decoder_depth', ",
   ):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   # On the command line, ml_collections rejects the key while parsing flags.

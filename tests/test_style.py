@@ -1,16 +1,18 @@
 """The repository is formatted by its one formatter (pyproject.toml: ruff, two-space
 indents, double quotes) with sorted imports."""
 
-import shutil
+import importlib.util
 import subprocess
+import sys
 
 import helpers
 
 
 def _ruff(*args):
-  ruff = shutil.which("ruff")
-  assert ruff, "ruff is a test requirement: pip install -e '.[test]'"
-  return subprocess.run([ruff, *args], cwd=helpers.ROOT, capture_output=True, text=True)
+  # The interpreter's own ruff, found whether or not its environment is activated.
+  assert importlib.util.find_spec("ruff"), "ruff is a test requirement: pip install -e '.[test]'"
+  command = [sys.executable, "-m", "ruff", *args]
+  return subprocess.run(command, cwd=helpers.ROOT, capture_output=True, text=True)
 
 
 def test_code_is_formatted():

@@ -15,10 +15,10 @@ from splitmask_jax import optim
 from splitmask_jax import tokenizers
 from splitmask_jax import train
 from splitmask_jax import train_step as train_step_lib
-from splitmask_jax.runtime import checkpointing
 from splitmask_jax.runtime import metric_log
 from splitmask_jax.runtime import sharding
 
+import helpers
 from helpers import CONFIG_FILE
 from helpers import ROOT
 from helpers import load_config
@@ -96,18 +96,10 @@ def test_resume_matches_unbroken_run(fake_fashion_mnist, tmp_path, monkeypatch):
     r["step"]: r for r in metric_log.read_metrics(str(tmp_path / "unbroken")) if "loss" in r
   }
 
-  save = checkpointing.Checkpointer.save
-
-  def save_then_die(self, step, state, data_iterator):
-    save(self, step, state, data_iterator)
-    if step == 4:
-      self.wait()
-      raise RuntimeError("simulated crash")
-
-  monkeypatch.setattr(checkpointing.Checkpointer, "save", save_then_die)
+  helpers.crash_after_saving(monkeypatch, 4)
   with pytest.raises(RuntimeError, match="simulated crash"):
     train.train_and_evaluate(config(), str(tmp_path / "broken"))
-  monkeypatch.setattr(checkpointing.Checkpointer, "save", save)
+  monkeypatch.undo()
   train.train_and_evaluate(config(), str(tmp_path / "broken"))
 
   resumed = [r for r in metric_log.read_metrics(str(tmp_path / "broken")) if "loss" in r]

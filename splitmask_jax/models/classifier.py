@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from splitmask_jax.models.vit import Encoder
+from splitmask_jax.models.vit import logits_dense
 from splitmask_jax.models.vit import pooled_features
 
 Dtype = Any
@@ -29,7 +30,9 @@ class Classifier(nn.Module):
     drop_path_rate: stochastic depth of the last block (linear from 0 over depth).
     head_init_scale: the head's kernel is truncated normal (std 0.02) times this
       (BEiT's 0.001), so fine-tuning starts from near-uniform predictions.
-    remat: rematerialise every block in the backward pass.
+    remat: what every block keeps for the backward pass (vit.remat_policy).
+    scan: scan the encoder's blocks (see vit.Encoder).
+    attention: the attention kernel (see vit.Attention).
   """
 
   width: int
@@ -43,7 +46,9 @@ class Classifier(nn.Module):
   head_init_scale: float = 0.001
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: str | bool = "none"
+  scan: bool = False
+  attention: str | None = None
 
   def setup(self):
     self.encoder = Encoder(
@@ -57,20 +62,22 @@ class Classifier(nn.Module):
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       remat=self.remat,
+      scan=self.scan,
+      attention=self.attention,
     )
     scale = self.head_init_scale
 
     def head_init(key, shape, dtype=jnp.float32):
       return scale * nn.initializers.truncated_normal(stddev=0.02)(key, shape, dtype)
 
-    self.head = nn.Dense(
+    self.head = logits_dense(
       self.num_classes, kernel_init=head_init, dtype=self.dtype, param_dtype=self.param_dtype
     )
 
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
     """Class logits, float32 [B, num_classes], of float images [B, H, W, C] in [-1, 1]."""
-    tokens, _ = self.encoder(images, train=train)
-    return self.head(pooled_features(tokens).astype(self.dtype)).astype(jnp.float32)
+    tokens, _ = self.encoder(images, train=train, with_block_outputs=False)
+    return self.head(pooled_features(tokens).astype(self.dtype))
 
   def block_features(self, images: jax.Array) -> jax.Array:
     """Average-pooled output of every block, float32 [B, depth, width] (no dropout).

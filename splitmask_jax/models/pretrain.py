@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from splitmask_jax.models.vit import Decoder
 from splitmask_jax.models.vit import Encoder
 from splitmask_jax.models.vit import gather_tokens
+from splitmask_jax.models.vit import logits_dense
 
 Dtype = Any
 
@@ -34,7 +35,9 @@ class SplitMaskModel(nn.Module):
     decoder_width, decoder_num_heads, decoder_mlp_dim: decoder size; None = the
       encoder's (the paper matches the encoder width).
     drop_path_rate, decoder_drop_path_rate: stochastic depth of each stack.
-    remat: rematerialise every block of both stacks.
+    remat: what every block of both stacks keeps for the backward pass.
+    scan: scan the encoder's blocks (see Encoder).
+    attention: the attention kernel of both stacks (see Attention).
   """
 
   width: int
@@ -52,10 +55,14 @@ class SplitMaskModel(nn.Module):
   decoder_drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: str | bool = "none"
+  scan: bool = False
+  attention: str | None = None
 
   def setup(self):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat)
+    kw = dict(
+      dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat, attention=self.attention
+    )
     self.encoder = Encoder(
       width=self.width,
       depth=self.depth,
@@ -64,6 +71,7 @@ class SplitMaskModel(nn.Module):
       patch_size=self.patch_size,
       grid=self.grid,
       drop_path_rate=self.drop_path_rate,
+      scan=self.scan,
       **kw,
     )
     self.decoder = Decoder(
@@ -114,7 +122,9 @@ class SplitMaskModel(nn.Module):
     # launches every kernel once instead of twice.
     both = lambda x, y: jnp.concatenate([x, y], axis=0)
     visible = both(visible_a, visible_b)
-    tokens, _ = self.encoder(both(images, images), visible=visible, train=train)
+    tokens, _ = self.encoder(
+      both(images, images), visible=visible, train=train, with_block_outputs=False
+    )
     features, logits = self.decoder(tokens, visible, both(masked_a, masked_b), train=train)
     return {
       "logits_a": logits[:b],
@@ -137,7 +147,9 @@ class BEiTModel(nn.Module):
     patch_size, grid: patch side in pixels and (gh, gw) patch grid.
     vocab_size: number of visual words.
     drop_path_rate: stochastic depth of the last block.
-    remat: rematerialise every block.
+    remat: what every block keeps for the backward pass.
+    scan: scan the encoder's blocks (see Encoder).
+    attention: the attention kernel (see Attention).
   """
 
   width: int
@@ -150,7 +162,9 @@ class BEiTModel(nn.Module):
   drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: str | bool = "none"
+  scan: bool = False
+  attention: str | None = None
 
   def setup(self):
     self.encoder = Encoder(
@@ -165,8 +179,10 @@ class BEiTModel(nn.Module):
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       remat=self.remat,
+      scan=self.scan,
+      attention=self.attention,
     )
-    self.head = nn.Dense(
+    self.head = logits_dense(
       self.vocab_size, kernel_init=_trunc_normal, dtype=self.dtype, param_dtype=self.param_dtype
     )
 
@@ -183,9 +199,8 @@ class BEiTModel(nn.Module):
     """
     if masked.ndim != 2 or masked.shape[0] != images.shape[0]:
       raise ValueError(f"masked must be [B={images.shape[0]}, m], got {masked.shape}")
-    tokens, _ = self.encoder(images, mask=mask, train=train)
-    logits = self.head(gather_tokens(tokens, masked))
-    return {"logits": logits.astype(jnp.float32)}
+    tokens, _ = self.encoder(images, mask=mask, train=train, with_block_outputs=False)
+    return {"logits": self.head(gather_tokens(tokens, masked))}
 
   def encode(self, images: jax.Array, *, train: bool = False):
     """Encoder over all patches, nothing masked: (tokens [B, N, width], aux)."""

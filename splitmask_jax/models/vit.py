@@ -10,10 +10,15 @@ Initialisation (ViT / MAE / BEiT conventions):
   * LayerNorm: scale 1, bias 0, epsilon 1e-6.
 
 Computation runs in `dtype` (e.g. bfloat16) with parameters stored in `param_dtype`;
-LayerNorm statistics and the attention softmax are always float32 and vocabulary
-logits are returned as float32.
+LayerNorm statistics and the attention softmax are always float32, and vocabulary
+logits are accumulated and returned in float32 (`logits_head`).
+
+The encoder's blocks run unrolled or under `nn.scan` (`Encoder.scan`: one compiled
+body, the compile time of one block, parameters stacked on a leading axis);
+`scan_blocks` / `unscan_blocks` convert parameters between the two layouts.
 """
 
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -101,13 +106,17 @@ def _qkv_init(key, shape, dtype=jnp.float32):
 
 
 class DropPath(nn.Module):
-  """Per-sample stochastic depth on a residual branch (needs the 'dropout' rng)."""
+  """Per-sample stochastic depth on a residual branch (needs the 'dropout' rng).
 
-  rate: float
+  `rate` is a Python float, or a float32 [] array inside scanned blocks (each
+  block of a scan has its own rate); an array rate of 0 keeps every sample.
+  """
+
+  rate: float | jax.Array
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    if not train or self.rate == 0.0:
+    if not train or (isinstance(self.rate, (int, float)) and self.rate == 0.0):
       return x
     keep = 1.0 - self.rate
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
@@ -116,11 +125,18 @@ class DropPath(nn.Module):
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention over [B, T, D] through jax.nn.dot_product_attention."""
+  """Multi-head self-attention over [B, T, D] through jax.nn.dot_product_attention.
+
+  Attributes:
+    implementation: `jax.nn.dot_product_attention`'s: None (XLA's, any device) or
+      'cudnn' (cuDNN's fused kernel: NVIDIA GPUs, bfloat16 or float16); see
+      `resolve_attention`.
+  """
 
   num_heads: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  implementation: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -143,8 +159,9 @@ class Attention(nn.Module):
     qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
     qkv = qkv.reshape(b, t, 3, self.num_heads, d // self.num_heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    # Softmax is computed in float32 inside dot_product_attention.
-    out = jax.nn.dot_product_attention(q, k, v).reshape(b, t, d)
+    # Softmax is computed in float32 inside dot_product_attention (either kernel).
+    out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+    out = out.reshape(b, t, d)
     return nn.Dense(
       d, kernel_init=_xavier, dtype=self.dtype, param_dtype=self.param_dtype, name="proj"
     )(out)
@@ -155,9 +172,10 @@ class Block(nn.Module):
 
   num_heads: int
   mlp_dim: int
-  drop_path_rate: float = 0.0
+  drop_path_rate: float | jax.Array = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str | None = None  # Attention.implementation
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -165,7 +183,7 @@ class Block(nn.Module):
     d = x.shape[-1]
     drop = DropPath(self.drop_path_rate)
     y = nn.LayerNorm(epsilon=_LN_EPS, name="norm1", **kw)(x)
-    y = Attention(self.num_heads, name="attn", **kw)(y)
+    y = Attention(self.num_heads, name="attn", implementation=self.attention, **kw)(y)
     x = x + drop(y, train)
     y = nn.LayerNorm(epsilon=_LN_EPS, name="norm2", **kw)(x)
     y = nn.Dense(self.mlp_dim, kernel_init=_xavier, name="fc1", **kw)(y)
@@ -174,18 +192,179 @@ class Block(nn.Module):
     return x + drop(y, train)
 
 
-def _block_class(remat: bool):
+def remat_policy(remat: str | bool):
+  """(rematerialise?, jax.checkpoint policy) of a `model.remat` value.
+
+  'none' (or False): keep every activation for the backward pass; 'full' (or
+  True): keep only each block's input and recompute the rest; 'save_dots': keep
+  the outputs of the matmuls without batch dimensions (the dense layers),
+  recompute the rest (norms, GELU, attention).
+  """
+  if remat in ("none", False):
+    return False, None
+  if remat in ("full", True):
+    return True, None
+  if remat == "save_dots":
+    return True, jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")
+
+
+REMAT_POLICIES = ("none", "full", "save_dots")
+
+
+class _ScannedBlock(nn.Module):
+  """One step of a scanned block stack: (x, drop-path rate) -> (x, x or None)."""
+
+  num_heads: int
+  mlp_dim: int
+  train: bool
+  collect: bool
+  attention: str | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, rate: jax.Array):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention)
+    x = Block(self.num_heads, self.mlp_dim, rate, name="block", **kw)(x, self.train)
+    return x, (x if self.collect else None)
+
+
+def _run_blocks(
+  x, *, depth, num_heads, mlp_dim, drop_path_rate, remat, train, kw, scan=False, collect=True
+):
+  """The block stack: (x, tuple of each block's output, or () when not `collect`ed).
+
+  Unrolled, block i's parameters are `block_<i>`; scanned (`nn.scan`, one
+  compiled body), they are `blocks/block` with a leading axis of `depth`.
+  """
+  rematerialise, policy = remat_policy(remat)
+  rates = drop_path_rates(drop_path_rate, depth)
+  if scan:
+    cell = _ScannedBlock
+    if rematerialise:
+      cell = nn.remat(cell, policy=policy, prevent_cse=False)
+    stack = nn.scan(
+      cell,
+      variable_axes={"params": 0},
+      split_rngs={"params": True, "dropout": True},
+      in_axes=0,
+      length=depth,
+    )
+    x, ys = stack(num_heads, mlp_dim, train, collect, name="blocks", **kw)(
+      x, jnp.asarray(rates, jnp.float32)
+    )
+    return x, tuple(ys[i] for i in range(depth)) if collect else ()
   # Index 2 is `train` (index 0 is the module itself): it must stay a Python bool.
-  return nn.remat(Block, static_argnums=(2,)) if remat else Block
-
-
-def _run_blocks(x, *, depth, num_heads, mlp_dim, drop_path_rate, remat, train, kw):
-  block_cls = _block_class(remat)
+  block_cls = nn.remat(Block, static_argnums=(2,), policy=policy) if rematerialise else Block
   outputs = []
-  for i, rate in enumerate(drop_path_rates(drop_path_rate, depth)):
+  for i, rate in enumerate(rates):
     x = block_cls(num_heads, mlp_dim, rate, name=f"block_{i}", **kw)(x, train)
     outputs.append(x)
-  return x, tuple(outputs)
+  return x, tuple(outputs) if collect else ()
+
+
+def is_scanned(encoder_params: dict) -> bool:
+  """Whether an encoder's parameters hold scanned blocks (`blocks`) or unrolled ones."""
+  return "blocks" in encoder_params
+
+
+def scan_blocks(encoder_params: dict) -> dict:
+  """Unrolled encoder parameters (`block_0` ... `block_<L-1>`) in the scanned layout
+  (`blocks/block`, each leaf stacked on a leading axis of L); others unchanged."""
+  if is_scanned(encoder_params):
+    return encoder_params
+  depth = sum(1 for k in encoder_params if _BLOCK_NAME.fullmatch(k))
+  blocks = [encoder_params[f"block_{i}"] for i in range(depth)]
+  rest = {k: v for k, v in encoder_params.items() if not _BLOCK_NAME.fullmatch(k)}
+  return dict(rest, blocks={"block": jax.tree.map(lambda *xs: np.stack(xs), *blocks)})
+
+
+def unscan_blocks(encoder_params: dict) -> dict:
+  """The inverse of `scan_blocks`: scanned encoder parameters as `block_<i>`."""
+  if not is_scanned(encoder_params):
+    return encoder_params
+  stacked = encoder_params["blocks"]["block"]
+  depth = jax.tree.leaves(stacked)[0].shape[0]
+  rest = {k: v for k, v in encoder_params.items() if k != "blocks"}
+  blocks = {f"block_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(depth)}
+  return dict(rest, **blocks)
+
+
+def match_block_layout(encoder_params: dict, like: dict) -> dict:
+  """`encoder_params` in the block layout (scanned or not) of the encoder parameters `like`."""
+  if is_scanned(like):
+    return scan_blocks(encoder_params)
+  return unscan_blocks(encoder_params)
+
+
+def resolve_attention(choice: str, platform: str, dtype, head_dim: int) -> str | None:
+  """The attention kernel of a `model.attention` value on `platform`'s devices.
+
+  'auto' takes cuDNN's fused kernel where it applies (NVIDIA GPUs, bfloat16 or
+  float16, head dimensions up to 128 in multiples of 8), XLA's otherwise; 'xla'
+  and 'cudnn' force one. Returns `Attention.implementation`.
+
+  Raises:
+    ValueError: 'cudnn' where it cannot run.
+  """
+  usable = (
+    platform == "gpu"
+    and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    and head_dim <= 128
+    and head_dim % 8 == 0
+  )
+  if choice == "xla" or (choice == "auto" and not usable):
+    return None
+  if choice in ("cudnn", "auto"):
+    if not usable:
+      raise ValueError(
+        f"config.model.attention='cudnn' needs NVIDIA GPUs, bfloat16 or float16 and a head "
+        f"dimension up to 128 in multiples of 8 (here: {platform}, {jnp.dtype(dtype).name}, "
+        f"{head_dim}); use 'auto' or 'xla'."
+      )
+    return "cudnn"
+  raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {choice!r}")
+
+
+ATTENTION_CHOICES = ("auto", "xla", "cudnn")
+
+
+def block_options(model, platform: str) -> dict:
+  """The block keyword arguments (remat, scan, the resolved attention kernel) of a
+  config's model group (`config.model`) for devices of `platform` ('cpu', 'gpu',
+  'tpu')."""
+  arch, _ = parse_variant(model.variant)
+  head_dim = arch["width"] // arch["num_heads"]
+  return dict(
+    remat=model.remat,
+    scan=model.scan,
+    attention=resolve_attention(model.attention, platform, model.dtype, head_dim),
+  )
+
+
+_BLOCK_NAME = re.compile(r"block_\d+")
+
+
+def _dot_general_f32(*args, **kwargs):
+  """A dot_general whose products are summed and returned in float32 whatever the
+  inputs' dtype: large vocabulary logits stay exact where bfloat16 would round them."""
+  return jax.lax.dot_general(*args, **kwargs, preferred_element_type=jnp.float32)
+
+
+def logits_dense(
+  num_outputs: int, *, kernel_init, dtype, param_dtype, name: str | None = None
+) -> nn.Dense:
+  """A linear head whose logits are accumulated and returned in float32 whatever the
+  compute dtype: [..., D] -> float32 [..., num_outputs]."""
+  return nn.Dense(
+    num_outputs,
+    kernel_init=kernel_init,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    dot_general=_dot_general_f32,
+    name=name,
+  )
 
 
 class Encoder(nn.Module):
@@ -197,7 +376,10 @@ class Encoder(nn.Module):
     grid: (gh, gw) patch grid; images must be [B, gh*patch_size, gw*patch_size, C].
     drop_path_rate: stochastic depth of the last block (linear from 0 over depth).
     use_mask_token: create a learned [MASK] embedding (BEiT), needed for `mask`.
-    remat: rematerialise each block in the backward pass.
+    remat: what each block keeps for the backward pass (`remat_policy`).
+    scan: run the blocks as one `nn.scan` (one compiled body, parameters stacked
+      under `blocks/block`) instead of unrolled (`block_<i>`); the same function.
+    attention: `Attention.implementation`.
   """
 
   width: int
@@ -210,7 +392,9 @@ class Encoder(nn.Module):
   use_mask_token: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: str | bool = "none"
+  scan: bool = False
+  attention: str | None = None
 
   @nn.compact
   def __call__(
@@ -220,6 +404,7 @@ class Encoder(nn.Module):
     visible: jax.Array | None = None,
     mask: jax.Array | None = None,
     train: bool,
+    with_block_outputs: bool = True,
   ):
     """Encodes all patches, only the `visible` ones, or all with `mask`ed ones hidden.
 
@@ -231,10 +416,13 @@ class Encoder(nn.Module):
         [MASK] embedding before position embeddings are added. Needs
         use_mask_token=True; exclusive with `visible`.
       train: enables stochastic depth (uses the 'dropout' rng).
+      with_block_outputs: return every block's output; scanned blocks would
+        otherwise keep them all in memory, so pre-training asks for none.
     Returns:
       tokens: [B, n or N, width] in `dtype`, after the final LayerNorm.
       aux: {'block_outputs': tuple of `depth` arrays [B, n or N, width], each
-        block's raw output (before the final LayerNorm)}.
+        block's raw output (before the final LayerNorm); () without
+        `with_block_outputs`}.
     """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     gh, gw = self.grid
@@ -276,7 +464,9 @@ class Encoder(nn.Module):
       drop_path_rate=self.drop_path_rate,
       remat=self.remat,
       train=train,
-      kw=kw,
+      kw=dict(kw, attention=self.attention),
+      scan=self.scan,
+      collect=with_block_outputs,
     )
     x = nn.LayerNorm(epsilon=_LN_EPS, name="norm", **kw)(x)
     return x, {"block_outputs": block_outputs}
@@ -290,7 +480,8 @@ class Decoder(nn.Module):
     num_patches: N, length of the full patch sequence.
     vocab_size: V, number of visual words.
     drop_path_rate: stochastic depth of the last block (linear from 0 over depth).
-    remat: rematerialise each block in the backward pass.
+    remat: what each block keeps for the backward pass (`remat_policy`).
+    attention: `Attention.implementation`.
   """
 
   width: int
@@ -302,7 +493,8 @@ class Decoder(nn.Module):
   drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: str | bool = "none"
+  attention: str | None = None
 
   @nn.compact
   def __call__(self, tokens: jax.Array, visible: jax.Array, predict: jax.Array, *, train: bool):
@@ -346,10 +538,9 @@ class Decoder(nn.Module):
       drop_path_rate=self.drop_path_rate,
       remat=self.remat,
       train=train,
-      kw=kw,
+      kw=dict(kw, attention=self.attention),
+      collect=False,
     )
     features = nn.LayerNorm(epsilon=_LN_EPS, name="norm", **kw)(x)
-    logits = nn.Dense(self.vocab_size, kernel_init=_trunc_normal, name="head", **kw)(
-      gather_tokens(features, predict)
-    )
-    return features, logits.astype(jnp.float32)
+    head = logits_dense(self.vocab_size, kernel_init=_trunc_normal, name="head", **kw)
+    return features, head(gather_tokens(features, predict))

@@ -20,6 +20,7 @@ from splitmask_jax.models import vit
 from splitmask_jax.objectives import beit
 from splitmask_jax.objectives import splitmask
 from splitmask_jax.objectives.targets import images_to_float
+from splitmask_jax.runtime import sharding
 
 OBJECTIVES: dict[str, ModuleType] = {"splitmask": splitmask, "beit": beit}
 
@@ -48,8 +49,13 @@ def get(name: str) -> ModuleType:
   return OBJECTIVES[name]
 
 
-def build_model(config, grid: tuple[int, int]):
-  """The pre-training model of `config.objective` (not yet initialised)."""
+def build_model(config, grid: tuple[int, int], platform: str | None = None):
+  """The pre-training model of `config.objective` (not yet initialised).
+
+  Args:
+    platform: where it will run ('cpu', 'gpu', 'tpu'; default: JAX's default
+      backend), which decides the attention kernel of `config.model.attention`.
+  """
   arch, patch = vit.parse_variant(config.model.variant)
   common = dict(
     arch,
@@ -58,7 +64,7 @@ def build_model(config, grid: tuple[int, int]):
     vocab_size=config.tokenizer.vocab_size,
     drop_path_rate=config.model.drop_path,
     dtype=jnp.dtype(config.model.dtype),
-    remat=config.model.remat,
+    **vit.block_options(config.model, platform or sharding.default_platform()),
   )
   return get(config.objective).build_model(config, **common)
 

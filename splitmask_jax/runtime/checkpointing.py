@@ -17,12 +17,12 @@ lowest held-out loss seen at evaluations, for fine-tuning from it.
 
 from __future__ import annotations
 
-import os
-
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from splitmask_jax.runtime import workdir as workdir_lib
 
 # The folder of a workdir that holds the checkpoint of the lowest held-out loss.
 BEST_DIR = "best_checkpoint"
@@ -32,7 +32,7 @@ class Checkpointer:
   """Saves and restores (train state, data iterator) pairs in a workdir."""
 
   def __init__(self, workdir: str, *, keep: int):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = workdir_lib.path(workdir, "checkpoints")
     self._manager = ocp.CheckpointManager(
       self.directory,
       item_handlers={
@@ -54,6 +54,16 @@ class Checkpointer:
     """
     metadata = self._manager.metadata(step).item_metadata["state"]
     return tuple(metadata[name].shape)
+
+  def saved_names(self, step: int, path: tuple[str, ...]) -> set[str] | None:
+    """The names below `path` (e.g. ('params', 'params', 'encoder')) in the train
+    state saved at `step`, from its metadata; None when the path is not there."""
+    tree = self._manager.metadata(step).item_metadata["state"]
+    for name in path:
+      if not hasattr(tree, "keys") or name not in tree:
+        return None
+      tree = tree[name]
+    return set(tree.keys()) if hasattr(tree, "keys") else None
 
   def save(self, step: int, state, data_iterator) -> None:
     """Starts an asynchronous save; the iterator position is captured now."""
@@ -96,7 +106,7 @@ class BestCheckpointer:
   """
 
   def __init__(self, workdir: str, metric: str):
-    self.directory = os.path.join(os.path.abspath(workdir), BEST_DIR)
+    self.directory = workdir_lib.path(workdir, BEST_DIR)
     self.metric = metric
     self._manager = ocp.CheckpointManager(
       self.directory,
@@ -165,8 +175,8 @@ def load_arrays(
   if best and step is not None:
     raise ValueError(f"best=True reads the best checkpoint's own step; got step={step}.")
   folder = BEST_DIR if best else "checkpoints"
-  directory = os.path.join(os.path.abspath(workdir), folder)
-  if not os.path.isdir(directory):
+  directory = workdir_lib.path(workdir, folder)
+  if not directory.is_dir():
     what = (
       "a pre-training run that evaluated with keep_best_checkpoint=True"
       if best

@@ -10,9 +10,11 @@ device. What says the run is multi-host, in order of precedence:
      and SLURM_STEP_NODELIST for each task (launch/slurm.sbatch); with more than
      one task, JAX derives the coordinator (the first node), the process count
      and id, and gives each GPU process the GPU of its SLURM_LOCALID.
-  3. a Cloud TPU VM (libtpu is installed, as `jax[tpu]` does): JAX reads the
-     pod's workers from the VM's metadata (launch/tpu_pod.sh runs the same
-     command on every worker); a one-host TPU VM becomes a one-process runtime.
+  3. a Cloud TPU VM (libtpu is installed, as `jax[tpu]` does, and the machine has
+     TPU chips on its PCI bus): JAX reads the pod's workers from the VM's metadata
+     (launch/tpu_pod.sh runs the same command on every worker); a one-host TPU VM
+     becomes a one-process runtime. libtpu alone is not enough: the planner
+     installs it to compile for TPUs on machines that have none.
   4. otherwise: one process, nothing to start.
 
 On CPU the processes exchange collectives over gloo (TCP), so several local
@@ -22,6 +24,7 @@ machine.
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import os
 from collections.abc import Mapping
@@ -68,13 +71,27 @@ def detect(
     return EXPLICIT
   if "SLURM_JOB_ID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
     return SLURM
-  if _libtpu_installed():
+  if _on_tpu_vm():
     return TPU
   return SINGLE
 
 
-def _libtpu_installed() -> bool:
-  return importlib.util.find_spec("libtpu") is not None
+# The PCI vendor id of Google's TPU chips.
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+
+
+def _on_tpu_vm() -> bool:
+  """libtpu is installed and the machine has TPU chips (Google devices on its PCI bus)."""
+  if importlib.util.find_spec("libtpu") is None:
+    return False
+  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+    try:
+      with open(vendor) as f:
+        if f.read().strip() == _GOOGLE_PCI_VENDOR:
+          return True
+    except OSError:
+      continue
+  return False
 
 
 def initialize(

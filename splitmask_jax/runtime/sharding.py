@@ -17,6 +17,7 @@ import math
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
@@ -88,13 +89,38 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
       f"are invalid with {jax.process_count()} processes: the mesh must span all "
       f"{jax.device_count()} devices."
     )
+  devices = devices[: data * fsdp]
   # Auto axes: XLA's sharding propagation places the gathers and reductions.
-  return jax.make_mesh(
-    (data, fsdp),
-    (DATA_AXIS, FSDP_AXIS),
-    axis_types=(AxisType.Auto, AxisType.Auto),
-    devices=devices[: data * fsdp],
-  )
+  axis_types = (AxisType.Auto, AxisType.Auto)
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices > 1:
+    # Several TPU slices talk over the data-centre network: only the data axis,
+    # whose one all-reduce per step tolerates it, spans them.
+    if data % slices:
+      raise ValueError(
+        f"config.mesh.data={data} must be a multiple of the {slices} slices: only the data "
+        "axis spans slices."
+      )
+    grid = mesh_utils.create_hybrid_device_mesh(
+      (data // slices, fsdp), (slices, 1), devices, allow_split_physical_axes=True
+    )
+    return Mesh(grid, (DATA_AXIS, FSDP_AXIS), axis_types=axis_types)
+  return jax.make_mesh((data, fsdp), (DATA_AXIS, FSDP_AXIS), axis_types=axis_types, devices=devices)
+
+
+def platform_of(devices) -> str:
+  """'cpu', 'gpu' or 'tpu': the kind of the first of `devices` (a list or a Mesh)."""
+  first = devices.devices.flat[0] if isinstance(devices, Mesh) else list(devices)[0]
+  return _PLATFORMS.get(first.platform, first.platform)
+
+
+def default_platform() -> str:
+  """'cpu', 'gpu' or 'tpu': the kind of JAX's default devices."""
+  return _PLATFORMS.get(jax.default_backend(), jax.default_backend())
+
+
+# JAX's platform names of NVIDIA and AMD devices.
+_PLATFORMS = {"cuda": "gpu", "rocm": "gpu"}
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -106,7 +132,9 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int = MIN_FSDP_SIZE) -> P:
+def fsdp_spec(
+  shape: tuple[int, ...], fsdp_size: int, min_size: int = MIN_FSDP_SIZE, first_dim: int = 0
+) -> P:
   """Where an array of `shape` is split over the fsdp axis.
 
   The largest dimension divisible by `fsdp_size` is split (the first of equals);
@@ -117,22 +145,35 @@ def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int = MIN_FSDP_S
     shape: the array's shape.
     fsdp_size: devices on the fsdp axis.
     min_size: the fewest elements an array needs to be split.
+    first_dim: dimensions before it are never split (1 for a stack of scanned
+      layers, whose leading axis a scan slices one layer at a time).
   Returns:
     a PartitionSpec naming FSDP_AXIS at most once.
   """
   if fsdp_size == 1 or math.prod(shape) < min_size:
     return P()
-  divisible = [i for i, d in enumerate(shape) if d % fsdp_size == 0]
+  divisible = [i for i, d in enumerate(shape) if i >= first_dim and d % fsdp_size == 0]
   if not divisible:
     return P()
   dim = max(divisible, key=lambda i: shape[i])
   return P(*(FSDP_AXIS if i == dim else None for i in range(len(shape))))
 
 
+# The parameters (and optimizer moments) of scanned layers sit below this name,
+# stacked on a leading axis of layers (vit.Encoder.scan).
+SCANNED = "blocks"
+
+
 def fsdp_shardings(tree, mesh: Mesh):
-  """NamedShardings of every array of `tree` (arrays or ShapeDtypeStructs) by `fsdp_spec`."""
+  """NamedShardings of every array of `tree` (arrays or ShapeDtypeStructs) by `fsdp_spec`;
+  the leading (layer) axis of scanned layers stays whole."""
   fsdp_size = mesh.shape[FSDP_AXIS]
-  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp_size)), tree)
+
+  def spec(path, x):
+    scanned = any(getattr(k, "key", getattr(k, "name", None)) == SCANNED for k in path)
+    return NamedSharding(mesh, fsdp_spec(x.shape, fsdp_size, first_dim=int(scanned)))
+
+  return jax.tree_util.tree_map_with_path(spec, tree)
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, key: str = "batch_size") -> int:
