@@ -7,6 +7,7 @@ the same per-step losses and k-NN accuracy as one process with four devices.
 """
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -55,6 +56,18 @@ def _clean_env(**extra) -> dict:
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and not k.startswith("SLURM_")}
   env.update(extra)
   return env
+
+
+def _report(logs: dict) -> str:
+  """What explains a failed multi-process run: every process's error lines
+  (absl's E/F lines, exceptions) and the end of its log."""
+  parts = []
+  for i, log in logs.items():
+    lines = log.splitlines()
+    errors = [ln for ln in lines if re.match(r"[EF]\d{4} ", ln) or "Error" in ln]
+    parts.append(f"--- process {i}: errors\n" + "\n".join(errors[-30:]))
+    parts.append(f"--- process {i}: end of log\n" + "\n".join(lines[-25:]))
+  return "\n".join(parts)
 
 
 def _by_step(workdir) -> dict:
@@ -112,9 +125,9 @@ def slurm_run(fake_fashion_mnist, data_dir, tmp_path_factory):
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
       )
     )
-  logs = [proc.communicate(timeout=600)[0] for proc in procs]
-  for i, (proc, log) in enumerate(zip(procs, logs)):
-    assert proc.returncode == 0, f"process {i}:\n{log[-3000:]}"
+  logs = {i: proc.communicate(timeout=600)[0] for i, proc in enumerate(procs)}
+  assert [proc.returncode for proc in procs] == [0, 0], _report(logs)
+  for i, log in logs.items():
     assert f"Multi-host runtime (slurm): process {i} of 2, 2 local / 4 global" in log
   return workdir
 
@@ -173,7 +186,7 @@ def test_fsdp_restart_from_data_parallel_checkpoint(
     timeout=600,
   )
   logs = {i: (workdir / f"process_{i}.log").read_text() for i in range(2)}
-  assert result.returncode == 0, result.stderr + logs[0][-3000:] + logs[1][-3000:]
+  assert result.returncode == 0, result.stderr[-2000:] + _report(logs)
   assert "Resumed from step 2" in logs[1]
 
   records = _by_step(workdir)

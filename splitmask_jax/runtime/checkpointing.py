@@ -28,6 +28,16 @@ from splitmask_jax.runtime import workdir as workdir_lib
 BEST_DIR = "best_checkpoint"
 
 
+def _barriers_named(prefix: str) -> ocp.options.MultiprocessingOptions:
+  """Multi-host barrier keys of one manager's own.
+
+  Orbax names a save's barriers by its step alone; the regular and the best
+  checkpoint of the same step, saved at once on several hosts, would otherwise
+  meet at the same barrier and leave every process waiting.
+  """
+  return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix)
+
+
 class Checkpointer:
   """Saves and restores (train state, data iterator) pairs in a workdir."""
 
@@ -40,7 +50,10 @@ class Checkpointer:
         "data": grain.checkpoint.CheckpointHandler(),
       },
       options=ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, cleanup_tmp_directories=True
+        max_to_keep=keep,
+        create=True,
+        cleanup_tmp_directories=True,
+        multiprocessing_options=_barriers_named("checkpoints"),
       ),
     )
 
@@ -118,6 +131,7 @@ class BestCheckpointer:
         keep_checkpoints_without_metrics=False,
         create=True,
         cleanup_tmp_directories=True,
+        multiprocessing_options=_barriers_named("best"),
       ),
     )
     # Read once: orbax records a save's metrics only when the save is committed.
