@@ -24,6 +24,14 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
 
+class ArgumentError(ValueError):
+  """A config file's argument that `parse` cannot read; the message says what it allows.
+
+  Its own class so that the command line can print the message alone: ml_collections
+  wraps errors raised while loading a config file into a traceback.
+  """
+
+
 @dataclasses.dataclass(frozen=True)
 class Option:
   """One option of a config file's argument.
@@ -48,24 +56,24 @@ class Option:
     return self.name if self.type is bool else f"{self.name}=<{self.placeholder}>"
 
   def convert(self, text: str | None, item: str) -> Any:
-    """The value of `item` (`name` or `name=text`); raises ValueError naming the option."""
+    """The value of `item` (`name` or `name=text`); raises ArgumentError naming the option."""
     if self.type is bool:
       if text is None or text.lower() in _TRUE:
         return True
       if text.lower() in _FALSE:
         return False
-      raise ValueError(
+      raise ArgumentError(
         f"Config argument {item!r}: {self.name} is a flag; write "
         f"{self.name} (or {self.name}=false)."
       )
     if text is None or not text:
-      raise ValueError(f"Config argument {item!r}: {self.name} takes a value, {self.usage}.")
+      raise ArgumentError(f"Config argument {item!r}: {self.name} takes a value, {self.usage}.")
     try:
       return self.type(text)
     except ValueError:
       kind = {int: "an integer", float: "a number"}.get(self.type, self.type.__name__)
       example = self.default if self.example is None else self.example
-      raise ValueError(
+      raise ArgumentError(
         f"Config argument {item!r}: {self.usage} needs {kind}, e.g. {self.name}={example}."
       ) from None
 
@@ -110,7 +118,7 @@ def parse(
     A namespace with one attribute per option: its value, or its default.
 
   Raises:
-    ValueError: an unknown or repeated option, a value of the wrong type, or
+    ArgumentError: an unknown or repeated option, a value of the wrong type, or
       two exclusive options; the message lists the allowed options.
   """
   by_name = {o.name: o for o in options}
@@ -125,16 +133,16 @@ def parse(
     if name not in by_name:
       close = difflib.get_close_matches(name, list(by_name), n=1)
       hint = f" (did you mean {close[0]!r}?)" if close else ""
-      raise ValueError(
+      raise ArgumentError(
         f"Unknown config argument {item!r}{hint}; allowed: "
         f"{usage(options)}, comma-separated after the config file "
         "(e.g. configs/<name>.py:test)."
       )
     if name in given:
-      raise ValueError(f"Config argument {name!r} is given twice in {arg!r}.")
+      raise ArgumentError(f"Config argument {name!r} is given twice in {arg!r}.")
     given.add(name)
     values[name] = by_name[name].convert(text.strip() if "=" in item else None, item)
   for first, second in exclusive:
     if values[first] is True and values[second] is True:
-      raise ValueError(f"Config arguments {first!r} and {second!r} exclude each other.")
+      raise ArgumentError(f"Config arguments {first!r} and {second!r} exclude each other.")
   return types.SimpleNamespace(**values)

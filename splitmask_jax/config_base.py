@@ -533,10 +533,57 @@ RESUMABLE_KEYS = (
   "model.remat",
   "model.attention",
 )
-# Keys added after runs were written, with the value that computes what such a run
-# computed: a saved config without the key resumes when the new value is this one.
+# Keys added after runs were written, each with the value that computes what such
+# a run computed (for model.scan: the parameter layout its checkpoints hold).
+# Contract: a change that adds a config key whose default changes what a run
+# computes, or how its checkpoints are laid out, adds the key here with its
+# old-behaviour value. A saved config that lacks the key then resumes at that
+# value (legacy_values), and compares at it (resume_conflicts); a new key whose
+# default computes what the old runs computed (model.attention's 'auto') needs no
+# entry: a saved config that lacks it compares at the schema's default.
 ADDED_KEYS = {"model.scan": False}
 _ABSENT = "<absent>"
+
+
+def _json_flat(config) -> dict[str, Any]:
+  # Through JSON, so that every side compares alike (tuples as lists, None as null).
+  return _flatten(json.loads(config.to_json_best_effort()))
+
+
+def _old_value(key: str, defaults: dict[str, Any]) -> Any:
+  """What a run written before `key` existed computed with: its legacy value, or
+  the schema's default; _ABSENT for a key neither knows."""
+  if key in ADDED_KEYS:
+    return json.loads(json.dumps(ADDED_KEYS[key]))
+  return defaults.get(key, _ABSENT)
+
+
+def legacy_values(saved: dict, config) -> dict[str, Any]:
+  """The ADDED_KEYS that a resumption of the run saved as `saved` sets to their old value.
+
+  A run written before a key of ADDED_KEYS existed ran at its old value. A
+  `config` that holds the key at the schema's default asked for nothing else, so
+  the run goes on as it was written; a value other than the default is a choice
+  of the user's, which `resume_conflicts` reports where it differs.
+
+  Args:
+    saved: the run's config as read back from its `config.json`.
+    config: the config of the run that would resume it.
+
+  Returns:
+    {dotted key: old value}, sorted by key, for the keys whose value in `config`
+    differs from the old one; empty for a run saved with every key.
+  """
+  old, new = _flatten(saved), _json_flat(config)
+  defaults = _json_flat(schema_of(config))
+  return {
+    key: ADDED_KEYS[key]
+    for key in sorted(ADDED_KEYS)
+    if key not in old
+    and key in new
+    and new[key] == defaults.get(key, _ABSENT)
+    and new[key] != _old_value(key, defaults)
+  }
 
 
 def resume_conflicts(saved: dict, config) -> dict[str, tuple[Any, Any]]:
@@ -548,18 +595,20 @@ def resume_conflicts(saved: dict, config) -> dict[str, tuple[Any, Any]]:
 
   Returns:
     {dotted key: (saved value, new value)}, sorted by key; '<absent>' stands for
-    a key that one side lacks. A key of ADDED_KEYS that the saved config lacks
-    is compared at its value before it existed. Empty when the run may resume
-    with `config`.
+    a key that one side lacks. A key that the saved config lacks (one added since
+    the run was written) is compared at its value in ADDED_KEYS, or else at the
+    schema's default, so that a new key left at its default resumes; as a saved
+    value it then reads '<absent: value>'. Empty when the run may resume with
+    `config`.
   """
-  old = _flatten(saved)
-  # Through JSON, so both sides compare alike (tuples as lists, None as null).
-  new = _flatten(json.loads(config.to_json_best_effort()))
+  old, new = _flatten(saved), _json_flat(config)
+  defaults = _json_flat(schema_of(config))
   conflicts = {}
   for key in sorted(old.keys() | new.keys()):
     if any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS):
       continue
-    before = old.get(key, ADDED_KEYS.get(key, _ABSENT))
+    before = old[key] if key in old else _old_value(key, defaults)
     if before != new.get(key, _ABSENT):
-      conflicts[key] = (old.get(key, _ABSENT), new.get(key, _ABSENT))
+      shown = before if key in old or before == _ABSENT else f"<absent: {before!r}>"
+      conflicts[key] = (shown, new.get(key, _ABSENT))
   return conflicts

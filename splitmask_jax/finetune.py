@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from typing import Any
 
 import flax
@@ -314,7 +313,8 @@ def finetune_and_evaluate(config, workdir: str, *, allow_config_change: bool = F
       or an init run whose encoder does not fit `config.model`; raised before
       any data is read or anything compiled.
     FileNotFoundError: config.init.workdir holds no run or no checkpoint.
-    preemption.Preempted, FloatingPointError: as in pre-training.
+    preemption.Preempted, FloatingPointError, workdir.WorkdirInUse,
+      workdir.DiskFull: as in pre-training.
   """
   config_base.validate_config(config)
   if config.task != "finetune":
@@ -323,6 +323,14 @@ def finetune_and_evaluate(config, workdir: str, *, allow_config_change: bool = F
   local_batch = sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   pretrained = check_init_run(config)
+  with workdir_lib.RunLock(workdir):
+    return _finetune(config, workdir, mesh, local_batch, pretrained, allow_config_change)
+
+
+def _finetune(
+  config, workdir: str, mesh, local_batch: int, pretrained, allow_config_change: bool
+) -> dict:
+  """finetune_and_evaluate's work once the config is checked and the workdir is held."""
   checkpointer, start_step = loop.open_workdir(
     config, workdir, allow_config_change=allow_config_change
   )
@@ -369,11 +377,11 @@ def finetune_and_evaluate(config, workdir: str, *, allow_config_change: bool = F
   )
 
   log = metric_log.MetricLog(workdir)
-  log.truncate_after(start_step if start_step else -1)
   if start_step:
-    state = checkpointer.restore(start_step, state, train_iter)
+    state, start_step = checkpointer.restore_latest(state, train_iter)
     logging.info("Resumed from step %d in %s", start_step, workdir)
-  else:
+  log.truncate_after(start_step if start_step else -1)
+  if not start_step:
     log.write(
       0,
       {

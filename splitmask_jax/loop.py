@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -35,13 +34,27 @@ CONFIG_FILE = "config.json"
 def _check_workdir_config(config, workdir: str, allow_config_change: bool) -> bool:
   """Refuses a workdir that holds a run of another config, unless allowed.
 
+  A run written before a key of `config_base.ADDED_KEYS` existed resumes with
+  the key's old value, set on `config`, unless `config` asks for another value
+  than the default.
+
   Returns whether the saved config differs on keys that a resumption may not
   change (only possible when allowed).
   """
   path = workdir_lib.path(workdir, CONFIG_FILE)
   if not path.exists():
     return False
-  conflicts = config_base.resume_conflicts(json.loads(path.read_text()), config)
+  saved = json.loads(path.read_text())
+  legacy = config_base.legacy_values(saved, config)
+  if legacy:
+    config.update_from_flattened_dict(legacy)
+    logging.info(
+      "Resuming %s, a run written before these config keys existed, with the values it ran "
+      "with: %s.",
+      workdir,
+      ", ".join(f"{k}={v!r}" for k, v in legacy.items()),
+    )
+  conflicts = config_base.resume_conflicts(saved, config)
   if conflicts and not allow_config_change:
     changes = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in conflicts.items())
     raise ValueError(
@@ -304,18 +317,20 @@ def run(
         checkpointer.save(done, state, train_iter)
       if stop:
         checkpointer.wait()
+        stopped = preemption.Preempted(done, interrupted=watcher.interrupted)
         logging.warning(
-          "Preempted: saved step %d in %s; exiting with status %d. Run the same command to resume.",
+          "%s: saved step %d in %s; exiting with status %d. Run the same command to resume.",
+          stopped.what,
           done,
           checkpointer.directory,
-          preemption.EXIT_CODE,
+          stopped.exit_code,
         )
-        raise preemption.Preempted(done)
+        raise stopped
       if logged:  # evaluation and saving stay out of the next window's images/s
         window_start = time.time()
     checkpointer.wait()
     if watcher.signalled:  # after the last step: resume at the final evaluation
-      raise preemption.Preempted(total_steps)
+      raise preemption.Preempted(total_steps, interrupted=watcher.interrupted)
   return state, last
 
 

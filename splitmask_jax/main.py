@@ -11,10 +11,14 @@ r"""Pre-trains a ViT with SplitMask or BEiT, fine-tunes it, or probes its blocks
 resumes from its latest checkpoint.
 
 Exit status: 0 when done; 42 (`preemption.EXIT_CODE`) when a preemption notice
-(SIGTERM) stopped the run after saving its current step: run the same command
-again to resume; 1 on an error (an invalid config, a non-finite loss, ...).
+(SIGTERM) stopped the run after saving its current step, 130 when Ctrl-C did: run
+the same command again to resume; 1 on an error (an invalid config, a non-finite
+loss, a full disk, a workdir in use by another run, ...). A command line that
+names a config file, a config argument or a config key that does not exist fails
+with one message before anything is loaded or compiled (command_line.py).
 """
 
+import functools
 import sys
 
 from absl import app
@@ -22,12 +26,14 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from splitmask_jax import command_line
 from splitmask_jax import config_base
 from splitmask_jax import finetune
 from splitmask_jax import probe
 from splitmask_jax import train
 from splitmask_jax.runtime import distributed
 from splitmask_jax.runtime import preemption
+from splitmask_jax.runtime import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Path to a config file.", lock_config=True
@@ -50,14 +56,29 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
-  """Runs `config.task` in `workdir`; returns its final values."""
+  """Runs `config.task` in `workdir`; returns its final values.
+
+  Raises:
+    workdir.DiskFull: the workdir's disk filled up, whatever was being written
+      (the error it caused is its cause).
+  """
   config_base.schema_of(config)  # raises for an unknown task
   if config.task == "probe":
-    return probe.probe_blocks(config, workdir)
-  run_task = (
-    train.train_and_evaluate if config.task == "pretrain" else (finetune.finetune_and_evaluate)
-  )
-  return run_task(config, workdir, allow_config_change=allow_config_change)
+    task = functools.partial(probe.probe_blocks, config, workdir)
+  else:
+    run_task = (
+      train.train_and_evaluate if config.task == "pretrain" else finetune.finetune_and_evaluate
+    )
+    task = functools.partial(run_task, config, workdir, allow_config_change=allow_config_change)
+  try:
+    return task()
+  except workdir_lib.DiskFull:
+    raise
+  except Exception as e:
+    disk_full = workdir_lib.disk_full_error(e, workdir)
+    if disk_full is None:
+      raise
+    raise disk_full from e
 
 
 def main(argv):
@@ -68,9 +89,13 @@ def main(argv):
     results = run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except preemption.Preempted as e:
     logging.warning("%s", e)
-    sys.exit(preemption.EXIT_CODE)
+    sys.exit(e.exit_code)
+  except (workdir_lib.DiskFull, workdir_lib.WorkdirInUse, NotADirectoryError) as e:
+    # The message says what happened and what to do; a traceback adds nothing.
+    logging.error("%s", e)
+    sys.exit(1)
   logging.info("Final: %s", results)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=command_line.parse_flags)

@@ -73,6 +73,7 @@ def probe_blocks(config, workdir: str) -> dict:
   Raises:
     ValueError: an invalid config, nothing to probe, or an init run whose
       encoder does not fit `config.model`; raised before any data is read.
+    workdir.WorkdirInUse: another run holds the workdir.
   """
   config_base.validate_config(config)
   if config.task != "probe":
@@ -85,8 +86,13 @@ def probe_blocks(config, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   local_batch = sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   pretrained = finetune.check_init_run(config)
+  with workdir_lib.RunLock(workdir):
+    return _probe(config, workdir, mesh, local_batch, pretrained)
+
+
+def _probe(config, workdir: str, mesh, local_batch: int, pretrained) -> dict:
+  """probe_blocks's work once the config is checked and the workdir is held."""
   # Probing keeps no state to resume: a rerun redoes it and rewrites the config.
-  workdir_lib.path(workdir).mkdir(parents=True, exist_ok=True)
   loop.save_config(config, workdir)
 
   data = config.data

@@ -39,6 +39,7 @@ from splitmask_jax.models import vit
 from splitmask_jax.runtime import checkpointing
 from splitmask_jax.runtime import metric_log
 from splitmask_jax.runtime import sharding
+from splitmask_jax.runtime import workdir as workdir_lib
 
 CONFIG_FILE = loop.CONFIG_FILE
 
@@ -244,6 +245,9 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
       sync point) stopped the run after saving its current step.
     FloatingPointError: a non-finite loss or gradient; the message names the
       step and the loss parts.
+    workdir.WorkdirInUse: another run holds the workdir (workdir.RunLock).
+    workdir.DiskFull: no room for the next checkpoint (checked before it is
+      written; the previous ones stay intact).
   """
   config_base.validate_config(config)
   if config.task != "pretrain":
@@ -255,6 +259,12 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   local_batch = sharding.check_batch_size(config.batch_size, mesh)
   if config.knn.enabled:
     sharding.check_batch_size(config.knn.batch_size, mesh, "knn.batch_size")
+  with workdir_lib.RunLock(workdir):
+    return _pretrain(config, workdir, mesh, local_batch, allow_config_change)
+
+
+def _pretrain(config, workdir: str, mesh, local_batch: int, allow_config_change: bool) -> dict:
+  """train_and_evaluate's work once the config is checked and the workdir is held."""
   checkpointer, start_step = loop.open_workdir(
     config,
     workdir,
@@ -298,12 +308,12 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   state = train_step_lib.init_train_state(
     model, parts.optimizer, codebook, parts.example_inputs, init_key, mesh
   )
+  if start_step:
+    state, start_step = checkpointer.restore_latest(state, train_iter)
+    logging.info("Resumed from step %d in %s", start_step, workdir)
   # Records past the checkpoint (all of them for a fresh start) are recomputed.
   log.truncate_after(start_step if start_step else -1)
-  if start_step:
-    state = checkpointer.restore(start_step, state, train_iter)
-    logging.info("Resumed from step %d in %s", start_step, workdir)
-  else:
+  if not start_step:
     log.write(0, {"num_params": sum(x.size for x in jax.tree.leaves(state.params))})
 
   train_step = make_train_step(config, parts, mesh, state)

@@ -1,4 +1,5 @@
-"""Runs that survive preemption, a crash while saving, divergence and bad input.
+"""Runs that survive preemption, Ctrl-C, a crash while saving, damaged checkpoints,
+a full disk, a second run on the same workdir, divergence and bad input.
 
 Every run reads a real TFDS dataset built here (ArrayRecord, PNG-encoded images)
 in which a few records hold images that cannot be decoded, so every run also
@@ -10,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,6 +34,7 @@ from splitmask_jax.data import input_pipeline
 from splitmask_jax.runtime import checkpointing
 from splitmask_jax.runtime import metric_log
 from splitmask_jax.runtime import preemption
+from splitmask_jax.runtime import workdir as workdir_lib
 
 from helpers import CONFIG_FILE
 from helpers import ROOT
@@ -425,7 +428,7 @@ def test_keys_outside_the_schema_fail(data_dir, tmp_path, monkeypatch):
     r"schema .* allowed keys in config.model are \['attention', 'decoder_depth', ",
   ):
     train.train_and_evaluate(config, str(tmp_path / "run"))
-  # On the command line, ml_collections rejects the key while parsing flags.
+  # On the command line, the key is rejected while parsing flags, with the closest keys.
   result = subprocess.run(
     [
       sys.executable,
@@ -441,7 +444,8 @@ def test_keys_outside_the_schema_fail(data_dir, tmp_path, monkeypatch):
     timeout=300,
   )
   assert result.returncode != 0
-  assert 'Did you mean "variant" instead of "varient"' in result.stderr
+  assert "config.model.varient is not a key of the config" in result.stderr
+  assert "(did you mean config.model.variant?)" in result.stderr
   assert not (tmp_path / "cli").exists()
 
 
@@ -478,3 +482,191 @@ def test_workdir_of_another_config_is_refused(data_dir, reference, tmp_path, mon
       **{"data.num_workers": 2, "knn.enabled": True, "mesh.data": 4},
     ),
   )
+
+
+def _truncate(files):
+  """Cuts each file to half its length, as a crash of the machine leaves files."""
+  files = [f for f in files if f.is_file()]
+  assert files
+  for f in files:
+    os.truncate(f, f.stat().st_size // 2)
+
+
+def test_damaged_checkpoints_are_set_aside_and_the_run_resumes_before_them(
+  data_dir, reference, tmp_path, monkeypatch
+):
+  _, expected = reference
+  workdir = tmp_path / "run"
+  checkpoints = workdir / "checkpoints"
+  config = _config(data_dir, checkpoint_every=4, keep_checkpoints=3)
+  train.train_and_evaluate(config, str(workdir))
+  assert _steps(checkpoints) == [32, 36, 40]
+  # Step 40's arrays read back as garbage; step 36's metadata is cut short.
+  _truncate((checkpoints / "40" / "state").glob("ocdbt.process_0/d/*"))
+  _truncate((checkpoints / "36").rglob("*"))
+
+  restored = _spy_restored_steps(monkeypatch)
+  train.train_and_evaluate(config, str(workdir))
+  # 40 and 36 fail while restoring (36 already at its metadata): both are kept aside.
+  assert restored == [40, 36, 32]
+  damaged = workdir / checkpointing.DAMAGED_DIR
+  assert sorted(p.name for p in damaged.iterdir()) == ["36", "40"]
+  assert _steps(checkpoints) == [32, 36, 40]  # 36 and 40 saved again by the resumed run
+  _assert_matches(_train_records(workdir), expected, range(1, NUM_STEPS + 1))
+
+  # With nothing left that reads, the run stops and names what it set aside.
+  for step in _steps(checkpoints):
+    _truncate((checkpoints / str(step)).rglob("*"))
+  with pytest.raises(FileNotFoundError, match=r"No checkpoint in .* can be read.*'32', '36', "):
+    train.train_and_evaluate(config, str(workdir))
+  assert _steps(checkpoints) == []
+  assert (workdir / metric_log.METRICS_FILE).exists()  # nothing was truncated or restarted
+
+
+def test_a_config_that_does_not_fit_an_intact_checkpoint_moves_nothing(
+  data_dir, reference, tmp_path
+):
+  workdir = tmp_path / "run"
+  shutil.copytree(reference[0], workdir)
+  config = _config(data_dir, **{"model.decoder_depth": 1})
+  with pytest.raises(Exception) as failure:
+    train.train_and_evaluate(config, str(workdir), allow_config_change=True)
+  assert not isinstance(failure.value, FileNotFoundError), failure.value
+  assert _steps(workdir / "checkpoints") == [NUM_STEPS]
+  assert not (workdir / checkpointing.DAMAGED_DIR).exists()
+
+
+def _mount_tmpfs(folder, size) -> bool:
+  """Mounts a tmpfs of `size` at `folder`; False where this machine does not allow it."""
+  folder.mkdir()
+  try:
+    result = subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+      capture_output=True,
+      timeout=30,
+    )
+  except FileNotFoundError:
+    return False
+  return result.returncode == 0
+
+
+def _assert_disk_full_message(message, workdir):
+  intact = _steps(workdir / "checkpoints")
+  assert intact, "no checkpoint was saved before the disk filled"
+  assert f"No space left on the disk of {workdir} for the checkpoint of step" in message
+  assert f"The latest intact checkpoint is step {intact[-1]}" in message
+  assert "Free space and run the same command to resume." in message
+  # No half-written step is left to block the resume.
+  assert not list((workdir / "checkpoints").glob("*.orbax-checkpoint-tmp"))
+
+
+def test_full_disk_stops_with_one_clear_error_and_resumes_once_freed(
+  data_dir, reference, tmp_path, monkeypatch
+):
+  """On a 3 MiB tmpfs (two checkpoints of 0.7 MiB fit, with logs, not a third); where
+  no tmpfs can be mounted, the free space the run reads is made too small instead."""
+  _, expected = reference
+  disk = tmp_path / "disk"
+  workdir = disk / "run"
+  extra = {"checkpoint_every": 4, "keep_checkpoints": 3}
+  if _mount_tmpfs(disk, "3m"):
+    try:
+      result = subprocess.run(
+        _cli(workdir, data_dir, **extra), cwd=ROOT, capture_output=True, text=True, timeout=600
+      )
+      assert result.returncode == 1, result.stderr[-3000:]
+      [message] = [line for line in result.stderr.splitlines() if "No space left" in line]
+      assert "Traceback" not in result.stderr
+      _assert_disk_full_message(message, workdir)
+      subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+      result = subprocess.run(
+        _cli(workdir, data_dir, **extra), cwd=ROOT, capture_output=True, text=True, timeout=600
+      )
+      assert result.returncode == 0, result.stderr[-3000:]
+      records = _train_records(workdir)
+    finally:
+      subprocess.run(["umount", str(disk)], check=False)
+  else:
+    free_bytes = workdir_lib.free_bytes
+    saved = []
+    monkeypatch.setattr(
+      workdir_lib, "free_bytes", lambda d: 2**20 if len(saved) >= 2 else free_bytes(d)
+    )
+    monkeypatch.setattr(checkpointing.Checkpointer, "wait", lambda self: saved.append(1))
+    with pytest.raises(workdir_lib.DiskFull) as failure:
+      train.train_and_evaluate(_config(data_dir, **extra), str(workdir))
+    _assert_disk_full_message(str(failure.value), workdir)
+    monkeypatch.undo()
+    train.train_and_evaluate(_config(data_dir, **extra), str(workdir))
+    records = _train_records(workdir)
+  _assert_matches(records, expected, range(1, NUM_STEPS + 1))
+
+
+def test_a_second_run_on_a_workdir_is_refused_and_ctrl_c_saves_the_first(data_dir, tmp_path):
+  workdir = tmp_path / "run"
+  # Long enough to be still running while the second starts and is refused.
+  command = _cli(workdir, data_dir, num_steps=100_000)
+  with open(tmp_path / "log.txt", "w") as log:
+    first = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+      metrics = workdir / metric_log.METRICS_FILE
+      _wait_for(
+        lambda: metrics.exists() and max(_train_records(workdir), default=0) >= 2, first, "step 2"
+      )
+      second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+      assert first.poll() is None, "the second run stopped the first"
+      first.send_signal(signal.SIGINT)
+      assert first.wait(timeout=120) == preemption.INTERRUPT_EXIT_CODE
+    finally:
+      first.kill()
+  assert second.returncode == 1
+  assert "is in use by the run started" in second.stderr
+  assert f"(pid {first.pid})" in second.stderr and "Traceback" not in second.stderr
+  output = (tmp_path / "log.txt").read_text()
+  [saved] = _steps(workdir / "checkpoints")
+  assert f"Interrupted (Ctrl-C): saved step {saved} in" in output
+  assert "KeyboardInterrupt" not in output
+  assert not (workdir / workdir_lib.LOCK_FILE).exists()
+  # Nothing lost: every step trained was logged once and is in the checkpoint
+  # (test_sigterm_... shows that a resumed run then matches an unbroken one).
+  assert sorted(_train_records(workdir)) == list(range(1, saved + 1))
+
+
+def test_a_second_ctrl_c_stops_at_once():
+  before = signal.getsignal(signal.SIGINT)
+  with preemption.PreemptionWatcher() as watcher:
+    os.kill(os.getpid(), signal.SIGINT)  # handled: the loop would save and stop
+    assert watcher.should_stop(1) and watcher.interrupted
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1)  # the handler runs between two bytecodes
+  assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_run_lock_takes_over_a_dead_runs_lock_and_refuses_a_live_one(tmp_path, caplog):
+  lock_file = tmp_path / workdir_lib.LOCK_FILE
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  holder = {"host": socket.gethostname(), "pid": dead.pid, "started": "earlier", "command": "x"}
+  lock_file.write_text(json.dumps(holder))
+  with workdir_lib.RunLock(tmp_path):
+    assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+    assert "Taking over" in caplog.text and f"'pid': {dead.pid}" in caplog.text
+    # Held by a live run (this one): a second lock on the workdir is refused.
+    with pytest.raises(workdir_lib.WorkdirInUse, match=rf"\(pid {os.getpid()}\)"):
+      workdir_lib.RunLock(tmp_path).__enter__()
+  assert not lock_file.exists()
+  # A lock from another host is never taken over: its process cannot be checked.
+  lock_file.write_text(json.dumps(dict(holder, host="elsewhere")))
+  with pytest.raises(workdir_lib.WorkdirInUse, match=rf"on elsewhere .*delete {lock_file}"):
+    workdir_lib.RunLock(tmp_path).__enter__()
+  assert lock_file.exists()
+
+
+def test_a_workdir_that_is_a_file_is_refused(data_dir, tmp_path, monkeypatch):
+  _fails_before_any_work(monkeypatch)
+  path = tmp_path / "notes.txt"
+  path.write_text("not a workdir")
+  with pytest.raises(NotADirectoryError, match=r"notes.txt is a file, not a directory"):
+    train.train_and_evaluate(_config(data_dir), str(path))
+  assert path.read_text() == "not a workdir"

@@ -11,21 +11,35 @@ saving leaves the previous steps intact and a temporary folder that the next
 `Checkpointer` deletes. Older steps are deleted only after a newer one is
 committed, keeping the `keep` latest.
 
+A committed step can still be damaged later (a machine or filesystem crash
+truncates files). `Checkpointer.latest_step` and `Checkpointer.restore_latest`
+move a step that cannot be read to `<workdir>/damaged_checkpoints/<step>` (never
+deleting it) and fall back to the previous one. A step counts as damaged only
+when reading it without any train state to match fails too, so a config that does
+not fit an intact checkpoint is reported as such and moves nothing.
+
 `BestCheckpointer` keeps, in `<workdir>/best_checkpoint`, the state of the
 lowest held-out loss seen at evaluations, for fine-tuning from it.
 """
 
 from __future__ import annotations
 
+import json
+
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
 
 from splitmask_jax.runtime import workdir as workdir_lib
 
 # The folder of a workdir that holds the checkpoint of the lowest held-out loss.
 BEST_DIR = "best_checkpoint"
+# The folder of a workdir where steps that could not be read are set aside.
+DAMAGED_DIR = "damaged_checkpoints"
 
 
 def _barriers_named(prefix: str) -> ocp.options.MultiprocessingOptions:
@@ -58,7 +72,26 @@ class Checkpointer:
     )
 
   def latest_step(self) -> int | None:
-    return self._manager.latest_step()
+    """The newest step whose metadata reads (None: no step saved yet).
+
+    Newer steps whose metadata does not read are set aside.
+
+    Raises:
+      FileNotFoundError: steps were saved, and none of them reads.
+    """
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    for step in steps:
+      try:
+        self._manager.metadata(step).item_metadata["state"]
+        error = None
+      except Exception as e:  # noqa: BLE001 (any failure to read a step's metadata)
+        error = e
+      if _on_every_process(error is None):
+        return step
+      self._set_aside(step, error)
+    if steps:
+      raise self._nothing_readable()
+    return None
 
   def saved_shape(self, step: int, name: str) -> tuple[int, ...]:
     """Shape of the train-state array `name` (e.g. 'codebook') saved at `step`.
@@ -79,7 +112,12 @@ class Checkpointer:
     return set(tree.keys()) if hasattr(tree, "keys") else None
 
   def save(self, step: int, state, data_iterator) -> None:
-    """Starts an asynchronous save; the iterator position is captured now."""
+    """Starts an asynchronous save; the iterator position is captured now.
+
+    Raises:
+      workdir.DiskFull: the disk has no room for it (nothing is written).
+    """
+    _check_space(self._manager, self.directory, state, f"the checkpoint of step {step}")
     self._manager.save(
       step,
       args=ocp.args.Composite(
@@ -101,6 +139,75 @@ class Checkpointer:
       ),
     )
     return restored["state"]
+
+  def restore_latest(self, state_like, data_iterator) -> tuple[object, int]:
+    """Restores the newest step that reads, setting aside newer damaged ones.
+
+    Returns:
+      (the train state, its step).
+
+    Raises:
+      FileNotFoundError: no step is left that can be read (the damaged ones are
+        named, and kept in DAMAGED_DIR).
+      Exception: a step that reads on its own does not restore into
+        `state_like` (another model or optimizer): orbax's error, nothing moved.
+    """
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        state = self.restore(step, state_like, data_iterator)
+        error = None
+      except Exception as e:  # noqa: BLE001 (classified below)
+        error = e
+      if _on_every_process(error is None):
+        return state, step
+      if _on_every_process(self._readable(step)):
+        if error is None:
+          raise RuntimeError(f"Another process could not restore step {step} of {self.directory}.")
+        raise error
+      self._set_aside(step, error)
+    raise self._nothing_readable()
+
+  def _nothing_readable(self) -> FileNotFoundError:
+    damaged = self.directory.parent / DAMAGED_DIR
+    return FileNotFoundError(
+      f"No checkpoint in {self.directory} can be read; the damaged ones are in {damaged}: "
+      f"{sorted(p.name for p in damaged.iterdir()) if damaged.exists() else []}. Start "
+      "again in another workdir (or move this one's checkpoints/ and metrics away to start "
+      "it afresh)."
+    )
+
+  def _readable(self, step: int) -> bool:
+    """Whether every array and iterator file of `step` reads, with no train state to match."""
+    try:
+      _read_state(self.directory, step, names=None)
+      for file in (self.directory / str(step) / "data").glob("*.json"):
+        json.loads(file.read_text())
+    except Exception:  # noqa: BLE001 (any failure means the files are damaged)
+      return False
+    return True
+
+  def _set_aside(self, step: int, error: Exception | None) -> None:
+    """Moves `step` to DAMAGED_DIR (process 0; every process then forgets it)."""
+    target = self.directory.parent / DAMAGED_DIR / str(step)
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      n = 1
+      while target.exists():  # an earlier run set aside a step of the same number
+        n += 1
+        target = target.parent / f"{step}.{n}"
+      (self.directory / str(step)).rename(target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+    self._manager.reload()
+    reason = "on another process" if error is None else f"{type(error).__name__}: {error}"
+    logging.warning(
+      "The checkpoint of step %d in %s cannot be read (%s). Moved it to %s; trying the one "
+      "before it.",
+      step,
+      self.directory,
+      reason.splitlines()[0][:300],
+      target,
+    )
 
   def wait(self) -> None:
     """Blocks until pending saves are on disk."""
@@ -151,6 +258,7 @@ class BestCheckpointer:
     best = self.best()
     if not np.isfinite(value) or (best is not None and value >= best[1]):
       return False
+    _check_space(self._manager, self.directory, state, f"the best checkpoint (step {step})")
     self._manager.save(
       step,
       args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
@@ -197,22 +305,30 @@ def load_arrays(
       else "a finished (or checkpointed) run"
     )
     raise FileNotFoundError(f"{workdir} holds no {folder}/ folder: pass the workdir of {what}.")
-  # A plain tree reader: no train state to match, every leaf read as numpy.
+  steps = ocp.utils.checkpoint_steps(directory)
+  if not steps:
+    raise FileNotFoundError(f"{directory} holds no complete checkpoint.")
+  step = max(steps) if step is None else step
+  if step not in steps:
+    raise FileNotFoundError(
+      f"{directory} holds no checkpoint of step {step}; it holds steps {sorted(steps)}."
+    )
+  return _read_state(directory, step, names), step
+
+
+def _read_state(directory: epath.Path, step: int, names: tuple[str, ...] | None) -> dict:
+  """The fields `names` (None: all) of the train state saved at `step`, as numpy.
+
+  A plain tree reader: no train state to match, every leaf read as numpy.
+  """
   manager = ocp.CheckpointManager(
     directory,
     item_handlers={"state": ocp.PyTreeCheckpointHandler()},
     options=ocp.CheckpointManagerOptions(read_only=True),
   )
   try:
-    steps = manager.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"{directory} holds no complete checkpoint.")
-    step = max(steps) if step is None else step
-    if step not in steps:
-      raise FileNotFoundError(
-        f"{directory} holds no checkpoint of step {step}; it holds steps {sorted(steps)}."
-      )
     tree = manager.item_metadata(step)["state"].tree
+    names = tuple(tree) if names is None else names
     unknown = [name for name in names if name not in tree]
     if unknown:
       raise KeyError(
@@ -228,7 +344,35 @@ def load_arrays(
     )["state"]
   finally:
     manager.close()
-  return {name: state[name] for name in names}, step
+  return {name: state[name] for name in names}
+
+
+def _check_space(manager: ocp.CheckpointManager, directory: epath.Path, state, what: str) -> None:
+  """Raises workdir.DiskFull on every process unless the disk holds one more step.
+
+  The size of the newest saved step is the estimate (the state's bytes before
+  the first): orbax deletes an old step only once the new one is complete.
+  """
+  manager.wait_until_finished()  # a save in flight still takes space
+  steps = ocp.utils.checkpoint_steps(directory)
+  if steps and not workdir_lib.is_remote(directory):
+    needed = workdir_lib.tree_bytes(directory / str(max(steps)))
+  else:
+    needed = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+  try:
+    workdir_lib.check_space(directory.parent, needed, what)
+    error = None
+  except workdir_lib.DiskFull as e:
+    error = e
+  if not _on_every_process(error is None):
+    raise error or workdir_lib.DiskFull(f"Another process has no space left for {what}.")
+
+
+def _on_every_process(flag: bool) -> bool:
+  """Whether `flag` holds on every process (a collective with several)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 def load_params(workdir: str, step: int | None = None, *, best: bool = False) -> tuple[dict, int]:

@@ -12,11 +12,18 @@ that step.
   others on the first step that all of them have yet to reach, and
   `multihost_utils.reached_preemption_sync_point` returns True on every process
   at that step, so that all of them take part in the same save.
+
+Ctrl-C (SIGINT) on a one-process run is handled the same way: the first saves
+the current step and stops with `INTERRUPT_EXIT_CODE`; a second one raises
+KeyboardInterrupt at once, losing the steps since the last checkpoint. With
+several processes Ctrl-C keeps Python's default (launch/local.sh's processes are
+stopped with their terminal).
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 
 import jax
@@ -27,32 +34,39 @@ from jax.experimental import multihost_utils
 # to (SIGTERM): run the same command again to resume. Distinct from Python's
 # and absl's failures (1, 2) and from deaths by a signal (128 + n).
 EXIT_CODE = 42
+# Exit status of a run stopped by Ctrl-C after saving its state: the shell's
+# status for a SIGINT (128 + 2), so scripts that stop on Ctrl-C still do.
+INTERRUPT_EXIT_CODE = 130
 
 
 class Preempted(Exception):
-  """The run saved a checkpoint at `step` and stopped at a preemption notice."""
+  """The run saved a checkpoint at `step` and stopped at a preemption notice
+  (or at Ctrl-C: `interrupted`); `exit_code` is the process's exit status."""
 
-  def __init__(self, step: int):
-    super().__init__(
-      f"Preempted: the state at step {step} is saved; run the same "
-      f"command again to resume (exit status {EXIT_CODE})."
-    )
+  def __init__(self, step: int, *, interrupted: bool = False):
     self.step = step
+    self.interrupted = interrupted
+    self.exit_code = INTERRUPT_EXIT_CODE if interrupted else EXIT_CODE
+    self.what = "Interrupted (Ctrl-C)" if interrupted else "Preempted"
+    super().__init__(
+      f"{self.what}: the state at step {step} is saved; run the same "
+      f"command again to resume (exit status {self.exit_code})."
+    )
 
 
 class PreemptionWatcher:
   """Tells the train loop whether to save and stop after a step.
 
-  A context manager: on one process, entering it installs the SIGTERM handler
-  and leaving it puts the previous handler back, so that a notebook or a test
-  calling the loop twice is left as it was.
+  A context manager: on one process, entering it installs the SIGTERM and
+  SIGINT handlers and leaving it puts the previous ones back, so that a notebook
+  or a test calling the loop twice is left as it was.
   """
 
   def __init__(self):
     self._multi_process = jax.process_count() > 1
     self._signalled = False
-    self._installed = False
-    self._previous_handler = None
+    self._interrupted = False
+    self._previous_handlers = {}
     self._sync_point_available = True
 
   def __enter__(self) -> PreemptionWatcher:
@@ -60,32 +74,49 @@ class PreemptionWatcher:
     # Python handler would replace it and break the agreement on the step.
     if not self._multi_process:
       if threading.current_thread() is threading.main_thread():
-        self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
-        self._installed = True
+        for signum, handler in (
+          (signal.SIGTERM, self._on_sigterm),
+          (signal.SIGINT, self._on_sigint),
+        ):
+          self._previous_handlers[signum] = signal.signal(signum, handler)
       else:
         logging.warning(
-          "Not on the main thread: SIGTERM is not handled; a preempted "
+          "Not on the main thread: SIGTERM and Ctrl-C are not handled; a preempted "
           "run loses the steps since its last checkpoint."
         )
     return self
 
   def __exit__(self, *exc_info) -> None:
-    if self._installed:
+    for signum, previous in self._previous_handlers.items():
       # None: the previous handler was not set from Python; the default is the
       # closest Python can put back.
-      previous = self._previous_handler
-      signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-      self._installed = False
+      signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+    self._previous_handlers = {}
 
   def _on_sigterm(self, signum, frame) -> None:
     del signum, frame
     # Only the flag (no logging, no I/O): the loop saves after the current step.
     self._signalled = True
 
+  def _on_sigint(self, signum, frame) -> None:
+    del signum, frame
+    self._interrupted = True
+    # A second Ctrl-C stops at once, as Python's default does.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.stderr.write(
+      "\nCtrl-C: saving the current step, then stopping. Press Ctrl-C again to stop "
+      "at once (losing the steps since the last checkpoint).\n"
+    )
+
   @property
   def signalled(self) -> bool:
-    """Whether this process received SIGTERM (its own handler only)."""
-    return self._signalled
+    """Whether this process received SIGTERM or Ctrl-C (its own handlers only)."""
+    return self._signalled or self._interrupted
+
+  @property
+  def interrupted(self) -> bool:
+    """Whether the stop was asked for by Ctrl-C rather than SIGTERM."""
+    return self._interrupted and not self._signalled
 
   def should_stop(self, step: int) -> bool:
     """Whether to save the state after update `step` and stop.
@@ -94,7 +125,7 @@ class PreemptionWatcher:
     several processes it is a collective agreement on the step.
     """
     if not self._multi_process:
-      return self._signalled
+      return self.signalled
     if not self._sync_point_available:
       return False
     try:
