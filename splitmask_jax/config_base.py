@@ -190,7 +190,19 @@ def _add_length_keys(c: ml_collections.ConfigDict, *, num_epochs: float) -> None
 
 
 def _add_loop_keys(c: ml_collections.ConfigDict) -> None:
-  """Device layout, logging, checkpointing and divergence keys of a training loop."""
+  """Gradient accumulation, device layout, logging, checkpointing and divergence keys
+  of a training loop."""
+  # Gradient accumulation: each update averages the gradients of accum_steps
+  # micro-batches of batch_size / accum_steps examples, run one after the other
+  # in the one step (memory of a micro-batch, the update of batch_size). batch_size
+  # stays the examples per update (learning-rate scaling, epochs); batch_size /
+  # accum_steps must divide over the mesh's devices. Exact for the losses that are
+  # means over examples (BEiT, SplitMask's inpainting, fine-tuning's cross-entropy),
+  # given each micro-batch's own dropout keys; not for what compares the examples
+  # of a batch: SplitMask's InfoNCE match has batch_size / accum_steps - 1 negatives
+  # per image (not batch_size - 1), and fine-tuning's mixup / cutmix pairs images
+  # and draws lam within each micro-batch. Probing trains no encoder and ignores it.
+  c.accum_steps = 1
   c.mesh = ml_collections.ConfigDict()
   # Batches are split over data x fsdp devices; parameters and optimizer state
   # are sharded over fsdp (see runtime/sharding.py). -1 on one axis: the rest.
@@ -394,6 +406,13 @@ def _check_loop(config) -> None:
   """The keys every training loop reads: batch, length, optimizer, mesh, intervals."""
   if config.batch_size <= 0:
     _fail("batch_size", config.batch_size, "it must be positive")
+  if config.accum_steps < 1 or config.batch_size % config.accum_steps:
+    _fail(
+      "accum_steps",
+      config.accum_steps,
+      f"it must be >= 1 and divide config.batch_size={config.batch_size} "
+      "(the examples of one update, split into accum_steps micro-batches)",
+    )
   if config.num_steps is not None and config.num_examples is not None:
     _fail(
       "num_examples",

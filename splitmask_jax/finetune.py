@@ -320,7 +320,7 @@ def finetune_and_evaluate(config, workdir: str, *, allow_config_change: bool = F
   if config.task != "finetune":
     raise ValueError(f"config.task={config.task!r}: finetune_and_evaluate needs 'finetune'.")
   mesh = sharding.make_mesh(config.mesh)
-  local_batch = sharding.check_batch_size(config.batch_size, mesh)
+  local_batch = sharding.check_batch_size(config.batch_size, mesh, accum_steps=config.accum_steps)
   sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   pretrained = check_init_run(config)
   with workdir_lib.RunLock(workdir):
@@ -394,7 +394,7 @@ def _finetune(
     classification_loss, model=model, num_classes=info.num_classes, augment=config.augment
   )
   train_step = train_step_lib.make_train_step(
-    loss_fn, optimizer, schedule, config.seed, mesh, state
+    loss_fn, optimizer, schedule, config.seed, mesh, state, config.accum_steps
   )
   top1 = top1_evaluation(config, model, mesh)
 

@@ -44,7 +44,8 @@ def symmetric_info_nce(za: jax.Array, zb: jax.Array, temperature: float) -> tupl
   which L2-normalises its features, so both inputs are normalised here (cosine
   similarity). The logits are za @ zb.T over the whole batch: under jit with the
   batch sharded over devices, this is the global batch, so every image's negatives
-  are all other images of the global batch.
+  are all other images of the global batch; a step that accumulates gradients
+  (config.accum_steps) calls it per micro-batch, whose images are the negatives.
 
   Args:
     za, zb: float [B, D], any float dtype (computed in float32); row i of each is

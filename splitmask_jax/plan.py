@@ -96,7 +96,7 @@ class Plan:
   target: targets.Target
   mesh_shape: dict[str, int]
   global_batch: int
-  per_chip_batch: int
+  per_chip_batch: int  # examples per chip of one micro-batch (all of them when accum_steps is 1)
   num_params: int
   params_bytes: int  # per chip
   opt_state_bytes: int  # per chip
@@ -110,6 +110,7 @@ class Plan:
   largest_batch: int | None = None
   smallest_refused: int | None = None
   largest_batch_note: str = ""
+  accum_steps: int = 1  # config.accum_steps: micro-batches per update
 
   @property
   def capacity(self) -> int:
@@ -137,7 +138,9 @@ class Plan:
     lines = [
       f"Plan: {self.config_summary}",
       f"Target: {self.target.description}; mesh {self.mesh_shape}; global batch "
-      f"{self.global_batch} ({self.per_chip_batch} per chip); {self.num_params / 1e6:.3g}M "
+      f"{self.global_batch} ({self.per_chip_batch} per chip"
+      + (f" in each of {self.accum_steps} micro-batches" if self.accum_steps > 1 else "")
+      + f"); {self.num_params / 1e6:.3g}M "
       "parameters",
       "",
       "Memory per chip (GiB)       train step   eval step",
@@ -309,6 +312,7 @@ def count_flops(config) -> float:
   config.unlock()
   config.model.scan = False
   config.model.remat = "none"
+  config.accum_steps = 1  # a scanned micro-batch too; the same FLOPs over the global batch
   config.model.attention = "xla"
   mesh = sharding.make_mesh(
     ml_collections.ConfigDict({"data": 1, "fsdp": 1}), jax.devices("cpu")[:1]
@@ -438,7 +442,7 @@ def plan(
   target = targets.parse_target(target_spec)
   devices = targets.devices(target)
   mesh = sharding.make_mesh(config.mesh, devices)
-  sharding.check_batch_size(config.batch_size, mesh)
+  sharding.check_batch_size(config.batch_size, mesh, accum_steps=config.accum_steps)
   chips = mesh.devices.size
   if chips != target.num_chips:
     raise ValueError(
@@ -452,9 +456,12 @@ def plan(
   platform = target.chip.platform
   # JAX asks for cuDNN's version while tracing (the attention kernel), for the whole plan.
   with _deviceless_cudnn(cudnn_version) if platform == "gpu" else contextlib.nullcontext():
+    # A per-chip batch is that of one micro-batch: accumulation keeps the
+    # micro-batch's memory whatever the number of micro-batches.
+    accum = config.accum_steps
 
     def build(per_chip: int):
-      cfg = _with_batch(config, per_chip * chips)
+      cfg = _with_batch(config, per_chip * chips * accum)
       parts = train.build_training(cfg, total_steps, steps_per_epoch, platform)
       state, shardings, state_in, batch = _abstract_inputs(cfg, parts, mesh)
       batch_bytes = _sharded_bytes(batch, jax.tree.map(lambda b: b.sharding, batch))
@@ -477,7 +484,7 @@ def plan(
       )
       return memory
 
-    per_chip = config.batch_size // chips
+    per_chip = config.batch_size // chips // accum
     train_memory = measure(per_chip, on_compiled)
     _, parts, state, shardings, state_in, batch, batch_bytes = build(per_chip)
     eval_memory = None
@@ -508,6 +515,7 @@ def plan(
       flops_per_step=count_flops(config),
       total_steps=total_steps,
       mfus=tuple(mfus),
+      accum_steps=accum,
     )
     if search_compiles:
       result.largest_batch, result.smallest_refused, result.largest_batch_note = largest_batch(
@@ -532,9 +540,22 @@ def advice(result: Plan) -> str:
   if result.largest_batch:
     lines.append(
       f"  - a per-chip batch of at most {result.largest_batch}, now {result.per_chip_batch} "
-      f"(--config.batch_size={result.largest_batch * result.target.num_chips}; "
+      f"(--config.batch_size="
+      f"{result.largest_batch * result.target.num_chips * result.accum_steps}; "
       f"{result.largest_batch_note})"
     )
+    # The same global batch in more, smaller micro-batches: the fewest that fit.
+    per_update = result.per_chip_batch * result.accum_steps
+    accum = next(
+      k
+      for k in range(1, per_update + 1)
+      if not per_update % k and per_update // k <= result.largest_batch
+    )
+    if accum > result.accum_steps:
+      lines.append(
+        f"  - or the same global batch in {accum} micro-batches (--config.accum_steps={accum}, "
+        f"now {result.accum_steps}; SplitMask's match then has fewer negatives per image)"
+      )
   elif result.largest_batch == 0:
     lines.append("  - no per-chip batch fits as the model is laid out now")
   elif result.largest_batch_note:

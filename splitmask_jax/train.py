@@ -218,7 +218,13 @@ def make_train_step(config, parts: Training, mesh, state):
   """The jitted `(state, batch) -> (state, metrics)` of a run (see train_step.py);
   `state` (arrays or shapes) fixes the shardings."""
   return train_step_lib.make_train_step(
-    objectives.step_loss(parts.loss_fn), parts.optimizer, parts.schedule, config.seed, mesh, state
+    objectives.step_loss(parts.loss_fn),
+    parts.optimizer,
+    parts.schedule,
+    config.seed,
+    mesh,
+    state,
+    config.accum_steps,
   )
 
 
@@ -256,7 +262,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
       "main.run dispatches on the task."
     )
   mesh = sharding.make_mesh(config.mesh)
-  local_batch = sharding.check_batch_size(config.batch_size, mesh)
+  local_batch = sharding.check_batch_size(config.batch_size, mesh, accum_steps=config.accum_steps)
   if config.knn.enabled:
     sharding.check_batch_size(config.knn.batch_size, mesh, "knn.batch_size")
   with workdir_lib.RunLock(workdir):

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from splitmask_jax.runtime import sharding
 
@@ -85,6 +87,97 @@ def state_shardings(state, mesh: Mesh):
   return sharding.fsdp_shardings(state, mesh)
 
 
+def split_micro_batches(batch, accum_steps: int):
+  """Splits a global batch into `accum_steps` micro-batches, one after the other.
+
+  Micro-batch i holds the examples {j : j % accum_steps == i}: a device holding
+  a contiguous slice of the batch (the data-parallel layout, `batch_sharded`)
+  holds the same share of every micro-batch, so the split is a local reshape and
+  transpose with no data movement, and every micro-batch stays spread over all
+  the devices. (Contiguous blocks would put micro-batch i on a few devices only.)
+
+  Args:
+    batch: a tree of arrays [B, ...] with B divisible by accum_steps.
+
+  Returns:
+    The same tree of arrays [accum_steps, B // accum_steps, ...].
+  """
+
+  def split(x):
+    rows = x.shape[0] // accum_steps
+    return jnp.swapaxes(x.reshape(rows, accum_steps, *x.shape[1:]), 0, 1)
+
+  return jax.tree.map(split, batch)
+
+
+def accumulate_gradients(
+  loss_fn: StepLossFn,
+  params,
+  state,
+  batch,
+  rng: jax.Array,
+  accum_steps: int = 1,
+  *,
+  train: bool = True,
+  mesh: Mesh | None = None,
+  grad_shardings=None,
+):
+  """`value_and_grad(loss_fn, has_aux=True)` over `accum_steps` micro-batches.
+
+  With accum_steps = 1 this is exactly `value_and_grad(loss_fn)(params, state,
+  batch, rng, train=train)`: the same key and the same computation as before
+  accumulation existed. Otherwise the micro-batches of `split_micro_batches` run
+  one after the other (a `lax.scan`, so only one micro-batch's activations are
+  live); micro-batch i draws its randomness from `fold_in(rng, i)`, and the loss,
+  every metric and the gradients are their means over the micro-batches. For a
+  loss that is a mean over examples (each example weighing the same) the result
+  is the gradient of the whole batch; a loss that compares the examples of its
+  batch with each other (SplitMask's InfoNCE match) sees only its micro-batch.
+
+  Args:
+    loss_fn: `(params, state, batch, rng, *, train) -> (loss, metrics)`.
+    batch: a tree of arrays [B, ...], B divisible by accum_steps.
+    mesh: where the batch is sharded; keeps each micro-batch split over all its
+      devices (None: no constraint).
+    grad_shardings: the parameters' shardings, for the gradients' running sum
+      (None: no constraint).
+
+  Returns:
+    ((loss float32 [], metrics {name: []}), grads like params).
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum_steps == 1:
+    return grad_fn(params, state, batch, rng, train=train)
+  devices = 1 if mesh is None else mesh.devices.size
+  for size in {x.shape[0] for x in jax.tree.leaves(batch)}:
+    if size % accum_steps or (size // accum_steps) % devices:
+      raise ValueError(
+        f"A batch of {size} cannot be split into accum_steps={accum_steps} micro-batches "
+        f"that each divide over the {devices} devices of the mesh."
+      )
+
+  def constrain(tree, shardings):
+    return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
+
+  micro = split_micro_batches(batch, accum_steps)
+  if mesh is not None:
+    micro = constrain(micro, NamedSharding(mesh, P(None, sharding.BATCH_AXES)))
+
+  def body(grad_sum, xs):
+    micro_batch, index = xs
+    (loss, metrics), grads = grad_fn(
+      params, state, micro_batch, jax.random.fold_in(rng, index), train=train
+    )
+    grad_sum = jax.tree.map(jnp.add, grad_sum, constrain(grads, grad_shardings))
+    return constrain(grad_sum, grad_shardings), (loss, metrics)
+
+  zeros = constrain(jax.tree.map(jnp.zeros_like, params), grad_shardings)
+  grad_sum, (losses, metrics) = jax.lax.scan(body, zeros, (micro, jnp.arange(accum_steps)))
+  grads = jax.tree.map(lambda g: g / accum_steps, grad_sum)
+  loss, metrics = jax.tree.map(lambda x: jnp.mean(x, axis=0), (losses, metrics))
+  return (loss, metrics), grads
+
+
 def make_train_step(
   loss_fn: StepLossFn,
   optimizer: optax.GradientTransformation,
@@ -92,6 +185,7 @@ def make_train_step(
   seed: int,
   mesh: Mesh,
   state,
+  accum_steps: int = 1,
 ):
   """Returns the jitted `(state, batch) -> (state, metrics)`.
 
@@ -101,14 +195,29 @@ def make_train_step(
   The dropout / drop-path key of step s is `fold_in(key(seed), s)`, so a
   resumed run draws the same randomness as an unbroken one. The state buffer is
   donated: the update happens in place.
+
+  With accum_steps > 1 an update averages the gradients of `accum_steps`
+  micro-batches of B / accum_steps examples, computed one after the other
+  (`accumulate_gradients`: micro-batch i draws from `fold_in(step key, i)`);
+  the metrics are their means. accum_steps = 1 is the plain step.
   """
+  if accum_steps < 1:
+    raise ValueError(f"accum_steps={accum_steps} is invalid: it must be >= 1.")
   base_rng = jax.random.PRNGKey(seed)
   shardings = state_shardings(state, mesh)
 
   def step(state: TrainState, batch):
     rng = jax.random.fold_in(base_rng, state.step)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (_, metrics), grads = grad_fn(state.params, state, batch, rng, train=True)
+    (_, metrics), grads = accumulate_gradients(
+      loss_fn,
+      state.params,
+      state,
+      batch,
+      rng,
+      accum_steps,
+      mesh=mesh,
+      grad_shardings=shardings.params,
+    )
     # Gradients laid out like the parameters: the batch reduction ends in each
     # device's shard (a reduce-scatter where the backend forms one) and the
     # update runs on that shard only.

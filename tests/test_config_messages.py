@@ -49,7 +49,7 @@ def test_unknown_config_keys_are_named_with_the_closest_keys(tmp_path):
   assert (
     "flag --config.foo: config.foo is not a key of the config configs/fashion_mnist.py:test" in err
   )
-  assert "the keys at the top level are augment, batch_size," in err
+  assert "the keys at the top level are accum_steps, augment, batch_size," in err
   assert "config.optim.warmup_epoch is not a key" in err
   assert "(did you mean config.optim.warmup_epochs" in err
   assert "the keys in config.optim are b1, b2, base_batch_size, base_lr," in err

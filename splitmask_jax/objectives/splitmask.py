@@ -3,7 +3,8 @@
 A shared encoder sees each branch's observed patches only; a shallow decoder
 predicts the visual word of every patch the branch does not see (cross-entropy),
 and the two branches' pooled decoder outputs of an image are matched with
-symmetric InfoNCE against the other images of the global batch.
+symmetric InfoNCE against the other images of the global batch (of the
+micro-batch under gradient accumulation, `config.accum_steps`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def loss(
   Returns:
     (loss, metrics): the inpaint loss is the mean cross-entropy over the
     missing patches of both branches; the match loss is InfoNCE over the
-    global batch.
+    batch given (the global batch, or one micro-batch of it when the step
+    accumulates gradients: fewer negatives, not the large batch's loss).
   """
   images = targets.images_to_float(batch["image"])
   out = model.apply(

@@ -176,13 +176,24 @@ def fsdp_shardings(tree, mesh: Mesh):
   return jax.tree_util.tree_map_with_path(spec, tree)
 
 
-def check_batch_size(batch_size: int, mesh: Mesh, key: str = "batch_size") -> int:
+def check_batch_size(
+  batch_size: int, mesh: Mesh, key: str = "batch_size", accum_steps: int = 1
+) -> int:
   """Returns the per-process batch size; raises if the mesh cannot split it.
 
   Args:
     key: the config key of `batch_size`, named in the error.
+    accum_steps: micro-batches per update (config.accum_steps), each of which the
+      mesh must split.
   """
   devices = mesh.devices.size
+  if accum_steps > 1 and (batch_size % accum_steps or (batch_size // accum_steps) % devices):
+    raise ValueError(
+      f"config.{key}={batch_size} with config.accum_steps={accum_steps} is invalid: "
+      f"each micro-batch of {key} / accum_steps examples must be divisible by the "
+      f"{devices} devices of the mesh (use a {key} that is a multiple of "
+      f"{accum_steps * devices}, or fewer accum_steps)."
+    )
   if batch_size % devices:
     raise ValueError(
       f"config.{key}={batch_size} is invalid: it must be divisible by the "
