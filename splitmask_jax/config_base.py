@@ -121,9 +121,12 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def _model_group() -> ml_collections.ConfigDict:
-  """The encoder keys shared by every task; a downstream run must match its init."""
+  """The encoder keys shared by every task. A downstream run keeps its init run's
+  variant and channels; its image size may differ (finetune.adapt_to_image_size)."""
   m = ml_collections.ConfigDict()
   m.variant = "B/16"  # a key of vit.VARIANTS, '/', the patch size
+  # A multiple of the patch size. A downstream run may use another size than its
+  # pre-training run (BEiT's 224 -> 384 px): the position embeddings are resampled.
   m.image_size = 224
   m.num_channels = 3
   m.drop_path = 0.1
@@ -385,10 +388,14 @@ def _check_model(model) -> None:
   except ValueError as e:
     raise ValueError(f"config.model.variant: {e}") from None
   if model.image_size <= 0 or model.image_size % patch:
+    below = model.image_size // patch * patch
+    nearest = " or ".join(str(s) for s in (below, below + patch) if s > 0) or str(patch)
     _fail(
       "model.image_size",
       model.image_size,
-      f"it must be a positive multiple of the patch size {patch}",
+      f"it must be a positive multiple of the patch size {patch} of "
+      f"model.variant={model.variant!r} (e.g. {nearest}), so that the image is a whole "
+      "grid of patches",
     )
   if model.dtype not in DTYPES:
     _fail("model.dtype", model.dtype, f"allowed values are {DTYPES}")

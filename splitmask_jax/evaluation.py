@@ -8,11 +8,18 @@ from collections.abc import Iterable
 import numpy as np
 from jax.experimental import multihost_utils
 
+from splitmask_jax.runtime import console
 from splitmask_jax.runtime import sharding
 
 
 def extract_outputs(
-  fn: Callable, params, data: Iterable[dict], mesh
+  fn: Callable,
+  params,
+  data: Iterable[dict],
+  mesh,
+  *,
+  what: str | None = None,
+  total: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """`fn(params, images)` and the label of every valid example of an eval dataset.
 
@@ -20,12 +27,15 @@ def extract_outputs(
     fn: jitted `(params, uint8 images [B, H, W, C]) -> [B, ...]`.
     data: this process's batches of `input_pipeline.eval_dataset` ('image',
       'label', 'valid').
+    what: a name for the stage: its progress is logged under it (console.Progress),
+      out of `total` examples when that is given.
 
   Returns:
     (outputs [n, ...], labels int32 [n]) over the valid examples of every
     process, the same on each process.
   """
   outputs, labels = [], []
+  progress = console.Progress(what, total) if what else None
   for batch in data:
     # Labels and valid flags travel in the global batch beside the images, so
     # the gathered rows line up whatever the mesh's device order.
@@ -35,4 +45,8 @@ def extract_outputs(
     )
     outputs.append(out[valid])
     labels.append(label[valid])
+    if progress:
+      progress.update(len(outputs[-1]))
+  if progress:
+    progress.close()
   return np.concatenate(outputs), np.concatenate(labels)

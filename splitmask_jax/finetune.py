@@ -8,6 +8,12 @@ classifier with Table 9's recipe (layer-wise learning-rate decay, RandAugment,
 mixup / cutmix with label smoothing, stochastic depth, repeated augmentation)
 and reports top-1 on the test split at intervals and at the end. The run
 resumes from its own checkpoints like pre-training does (loop.py).
+
+The encoder's variant (its size and patch size) and channels are the
+pre-training run's; its image size may differ (BEiT and MAE fine-tune at 384 px
+what they pre-trained at 224 px): the pre-trained position embeddings are then
+resampled to the new patch grid once, when the run starts
+(`adapt_to_image_size`), and the run's own checkpoints hold the new ones.
 """
 
 from __future__ import annotations
@@ -40,8 +46,11 @@ from splitmask_jax.runtime import metric_log
 from splitmask_jax.runtime import sharding
 from splitmask_jax.runtime import workdir as workdir_lib
 
-# Model keys a downstream run must share with the run it starts from.
-_ENCODER_KEYS = ("variant", "image_size", "num_channels")
+# Model keys a downstream run must share with the run it starts from. The image
+# size may differ: the position embeddings are resampled (adapt_to_image_size).
+_ENCODER_KEYS = ("variant", "num_channels")
+# What the resampling's log line calls each downstream task.
+_TASK_WORDS = {"finetune": "fine-tuning", "probe": "probing"}
 
 
 @flax.struct.dataclass
@@ -74,14 +83,16 @@ def build_classifier(
 def check_init_run(config) -> dict | None:
   """Reads the variables of `config.init.workdir`, checking that its model matches.
 
-  Runs before any data is read or anything compiled.
+  Runs before any data is read or anything compiled. The variant (encoder size
+  and patch size) and channels must be the init run's; the image size may
+  differ (`adapt_to_image_size` then resamples the position embeddings).
 
   Returns:
-    The run's flax variables (numpy), or None for a random-init run.
+    The run's flax variables (numpy) as saved, or None for a random-init run.
 
   Raises:
     FileNotFoundError: no such run, or no checkpoint in it.
-    ValueError: its encoder is not this config's (variant, image size, channels).
+    ValueError: its encoder is not this config's (variant, channels).
   """
   init = config.init
   if init.workdir is None:
@@ -95,10 +106,19 @@ def check_init_run(config) -> dict | None:
   saved_model = json.loads(path.read_text())["model"]
   for key in _ENCODER_KEYS:
     if saved_model[key] != config.model[key]:
+      # Only the image size may change: the encoder's weights fix the rest.
+      hint = (
+        " The encoder's size and patch size are the pre-training run's; "
+        f"model.image_size may differ from its {saved_model['image_size']} px (a multiple "
+        f"of the patch size {vit.parse_variant(saved_model['variant'])[1]}), and the "
+        "position embeddings are then resampled."
+        if key == "variant"
+        else ""
+      )
       raise ValueError(
         f"config.model.{key}={config.model[key]!r} does not match the run in "
         f"config.init.workdir={init.workdir!r}, which has model.{key}="
-        f"{saved_model[key]!r}: set config.model.{key}={saved_model[key]!r}."
+        f"{saved_model[key]!r}: set config.model.{key}={saved_model[key]!r}.{hint}"
       )
   best = init.checkpoint == "best"
   variables, step = checkpointing.load_params(init.workdir, init.step, best=best)
@@ -111,6 +131,55 @@ def check_init_run(config) -> dict | None:
   return variables
 
 
+def adapt_to_image_size(pretrained: dict | None, config) -> dict | None:
+  """`pretrained` with its encoder's position embeddings on `config.model`'s patch grid.
+
+  A downstream run at another image size than its init run, with the same patch
+  size, has another patch grid: the pre-trained embeddings [1, gh*gw, D] are
+  resampled to it (vit.resample_pos_embedding, bicubic), and one line says so.
+  Called once, when a run starts from the init run (not when it resumes from
+  its own checkpoints, which hold the resampled and since trained embeddings).
+
+  Args:
+    pretrained: a run's variables (check_init_run), or None (random init).
+    config: the downstream config; its grid is config_base.grid_size(config).
+
+  Returns:
+    `pretrained` itself when the grids agree (or it is None); otherwise a copy
+    whose params/encoder/pos_embedding is [1, new_gh*new_gw, D], the rest shared.
+
+  Raises:
+    ValueError: the encoder holds no pos_embedding, or not a square grid of them.
+  """
+  if pretrained is None:
+    return None
+  encoder = pretrained.get("params", {}).get("encoder", {})
+  if "pos_embedding" not in encoder:
+    raise ValueError(
+      f"The encoder in config.init.workdir={config.init.workdir!r} holds no pos_embedding: "
+      f"its parameters are {sorted(encoder)}."
+    )
+  pos = encoder["pos_embedding"]
+  grid = config_base.grid_size(config)
+  old_side = int(round(np.sqrt(np.shape(pos)[1])))
+  if (old_side, old_side) == grid:
+    return pretrained
+  resampled = vit.resample_pos_embedding(pos, grid)
+  _, patch = vit.parse_variant(config.model.variant)
+  logging.info(
+    "Position embeddings resampled from %dx%d to %dx%d patches (bicubic): pre-trained at "
+    "%d px, %s at %d px",
+    old_side,
+    old_side,
+    *grid,
+    old_side * patch,
+    _TASK_WORDS.get(config.task, config.task),
+    config.model.image_size,
+  )
+  params = dict(pretrained["params"], encoder=dict(encoder, pos_embedding=resampled))
+  return dict(pretrained, params=params)
+
+
 def load_pretrained_encoder(variables: dict, pretrained: dict, *, source: str = "") -> dict:
   """`variables` with its encoder replaced by the pre-trained one, bit for bit.
 
@@ -119,7 +188,8 @@ def load_pretrained_encoder(variables: dict, pretrained: dict, *, source: str = 
     pretrained: a pre-training (or fine-tuning) run's variables; its
       `params/encoder` is copied, its other parts (decoder, BEiT's [MASK]
       embedding) are left out. Blocks saved scanned load into unrolled ones and
-      the other way round (vit.match_block_layout).
+      the other way round (vit.match_block_layout). Position embeddings of
+      another grid must first be resampled (adapt_to_image_size).
     source: where `pretrained` came from, for error messages.
 
   Returns:
@@ -356,8 +426,13 @@ def _finetune(
     optim.make_optimizer(config.optim, schedule, lr_multipliers=multipliers),
     max_consecutive_errors=max_skips,
   )
+  # A resumed run restores its own (resampled, then trained) embeddings.
   state = init_classifier_state(
-    init_params, optimizer, init_key, mesh, None if start_step else pretrained
+    init_params,
+    optimizer,
+    init_key,
+    mesh,
+    None if start_step else adapt_to_image_size(pretrained, config),
   )
 
   train_iter = iter(

@@ -22,6 +22,7 @@ from splitmask_jax import config_base
 from splitmask_jax.data import datasets
 from splitmask_jax.data import input_pipeline
 from splitmask_jax.runtime import checkpointing
+from splitmask_jax.runtime import console
 from splitmask_jax.runtime import metric_log
 from splitmask_jax.runtime import preemption
 from splitmask_jax.runtime import profiling
@@ -307,14 +308,17 @@ def run(
         values["images_per_sec"] = window_steps * config.batch_size / elapsed
         values["epoch"] = done / steps_per_epoch
         log.write(done, values)
+        logging.info("%s", console.step_line(done, total_steps, values, progress.steps_per_sec))
         last = values
         window, window_steps = None, 0
       if (done % config.eval_every == 0 or at_end) and not stop:
         values = evaluate(state)
         log.write(done, values)
+        logging.info("%s", console.values_line("eval", done, values))
         last.update(values)
       if save:
         checkpointer.save(done, state, train_iter)
+        logging.info("checkpoint @ %d: writing to %s", done, checkpointer.directory)
       if stop:
         checkpointer.wait()
         stopped = preemption.Preempted(done, interrupted=watcher.interrupted)

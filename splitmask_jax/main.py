@@ -10,6 +10,10 @@ r"""Pre-trains a ViT with SplitMask or BEiT, fine-tunes it, or probes its blocks
 (config_args.py): `--config=configs/fashion_mnist.py:beit,test`. Running again with the same workdir
 resumes from its latest checkpoint.
 
+The console shows a line per log step (loss and its parts, images/s, time left), per
+evaluation and per save, and a summary at the end; `--verbosity=1` adds every
+library's log and the full metric records (runtime/console.py).
+
 Exit status: 0 when done; 42 (`preemption.EXIT_CODE`) when a preemption notice
 (SIGTERM) stopped the run after saving its current step, 130 when Ctrl-C did: run
 the same command again to resume; 1 on an error (an invalid config, a non-finite
@@ -20,6 +24,7 @@ with one message before anything is loaded or compiled (command_line.py).
 
 import functools
 import sys
+import time
 
 from absl import app
 from absl import flags
@@ -31,6 +36,7 @@ from splitmask_jax import config_base
 from splitmask_jax import finetune
 from splitmask_jax import probe
 from splitmask_jax import train
+from splitmask_jax.runtime import console
 from splitmask_jax.runtime import distributed
 from splitmask_jax.runtime import preemption
 from splitmask_jax.runtime import workdir as workdir_lib
@@ -84,9 +90,12 @@ def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  console.setup()
+  start = time.monotonic()
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  config, workdir = _CONFIG.value, _WORKDIR.value
   try:
-    results = run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    results = run(config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except preemption.Preempted as e:
     logging.warning("%s", e)
     sys.exit(e.exit_code)
@@ -94,7 +103,10 @@ def main(argv):
     # The message says what happened and what to do; a traceback adds nothing.
     logging.error("%s", e)
     sys.exit(1)
-  logging.info("Final: %s", results)
+  logging.debug("Final: %s", results)
+  logging.info(
+    "%s", console.summary(config.task, workdir, results, time.monotonic() - start, sys.argv)
+  )
 
 
 if __name__ == "__main__":

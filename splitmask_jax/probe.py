@@ -7,7 +7,9 @@ splits (test crop, no augmentation), once per encoder, trains one linear
 classifier per block on them (`train_linear_probes`), and writes top-1 per block
 as `probe.json`, `probe.md` and `probe.png` in the workdir (`write_probe_report`),
 beside the same figures for a random-init encoder when
-`config.probe.random_init_baseline`.
+`config.probe.random_init_baseline`. Images are read at `config.model.image_size`,
+which may differ from the pre-training run's (its position embeddings are then
+resampled: finetune.adapt_to_image_size).
 
 Each block's average-pooled output gets its own linear softmax classifier, and
 all L classifiers train together: one vmap over the block axis, one AdamW over
@@ -118,7 +120,9 @@ def _probe(config, workdir: str, mesh, local_batch: int, pretrained) -> dict:
   encoders = {}
   if pretrained is not None:
     encoders["pretrained"] = finetune.load_pretrained_encoder(
-      jax.device_get(random_params), pretrained, source=config.init.workdir
+      jax.device_get(random_params),
+      finetune.adapt_to_image_size(pretrained, config),
+      source=config.init.workdir,
     )
   if config.probe.random_init_baseline:
     encoders["random_init"] = random_params

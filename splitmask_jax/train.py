@@ -37,6 +37,7 @@ from splitmask_jax.data import photometric
 from splitmask_jax.data import subsets
 from splitmask_jax.models import vit
 from splitmask_jax.runtime import checkpointing
+from splitmask_jax.runtime import console
 from splitmask_jax.runtime import metric_log
 from splitmask_jax.runtime import sharding
 from splitmask_jax.runtime import workdir as workdir_lib
@@ -95,12 +96,15 @@ def _sample_patches(config, source, grid, num_patches: int, seed: int) -> np.nda
     )
   )
   chunks, total = [], 0
+  progress = console.Progress(f"Tokenizer patches from {num_images:,} images", num_patches)
   for batch in data:
     patches = np.asarray(view(batch["image"]))
     chunks.append(patches.reshape(-1, patches.shape[-1]))
     total += len(chunks[-1])
+    progress.update(min(len(chunks[-1]), num_patches - (total - len(chunks[-1]))))
     if total >= num_patches:
       break
+  progress.close()
   patches = np.concatenate(chunks)
   if len(patches) > num_patches:
     patches = np.random.default_rng(seed).permutation(patches)[:num_patches]
@@ -115,6 +119,13 @@ def build_codebook(config, source, grid, key) -> jax.Array:
   if tok.kind != "random_projection":
     num = tok.kmeans_num_patches if tok.kind == "kmeans" else tok.vocab_size
     patches = _sample_patches(config, source, grid, max(num, tok.vocab_size), seed=config.seed + 1)
+    if tok.kind == "kmeans":
+      logging.info(
+        "Fitting the k-means codebook: %d words to %s patches, %d iterations",
+        tok.vocab_size,
+        f"{len(patches):,}",
+        tok.kmeans_iters,
+      )
   return tokenizers.build_codebook(
     tok.kind,
     key,
@@ -136,24 +147,37 @@ def knn_evaluation(config, model, params_by_name: dict, mesh, num_classes: int) 
 
   def data(split, num):
     source = datasets.load_source(config.data.dataset, split, config.data.data_dir)
-    return input_pipeline.eval_dataset(
+    count = len(source) if num is None else min(num, len(source))
+    examples = input_pipeline.eval_dataset(
       source,
       batch_size=local_batch,
       image_size=config.model.image_size,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
-      num_examples=None if num is None else min(num, len(source)),
+      num_examples=count,
     )
+    return examples, count
 
   features_fn = jax.jit(lambda p, im: _pooled_features(model, p, im))
   results = {}
   for name, params in params_by_name.items():
-    train_x, train_y = evaluation.extract_outputs(
-      features_fn, params, data(config.knn.train_split, config.knn.num_train), mesh
-    )
-    test_x, test_y = evaluation.extract_outputs(
-      features_fn, params, data(config.knn.test_split, config.knn.num_test), mesh
-    )
+    outputs = []
+    for split, num in (
+      (config.knn.train_split, config.knn.num_train),
+      (config.knn.test_split, config.knn.num_test),
+    ):
+      examples, count = data(split, num)
+      outputs.append(
+        evaluation.extract_outputs(
+          features_fn,
+          params,
+          examples,
+          mesh,
+          what=f"k-NN features ({name} encoder, {split})",
+          total=count,
+        )
+      )
+    (train_x, train_y), (test_x, test_y) = outputs
     results[name] = knn.knn_accuracy(
       train_x,
       train_y,
@@ -310,7 +334,12 @@ def _pretrain(config, workdir: str, mesh, local_batch: int, allow_config_change:
   else:
     t0 = time.time()
     codebook = build_codebook(config, train_source, grid, codebook_key)
-    logging.info("Built the %s codebook in %.1fs", config.tokenizer.kind, time.time() - t0)
+    logging.info(
+      "Built the %s codebook (%d words) in %s",
+      config.tokenizer.kind,
+      config.tokenizer.vocab_size,
+      console.duration(time.time() - t0),
+    )
   state = train_step_lib.init_train_state(
     model, parts.optimizer, codebook, parts.example_inputs, init_key, mesh
   )
@@ -320,7 +349,11 @@ def _pretrain(config, workdir: str, mesh, local_batch: int, allow_config_change:
   # Records past the checkpoint (all of them for a fresh start) are recomputed.
   log.truncate_after(start_step if start_step else -1)
   if not start_step:
-    log.write(0, {"num_params": sum(x.size for x in jax.tree.leaves(state.params))})
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    log.write(0, {"num_params": num_params})
+    logging.info(
+      "Model: %s, %s parameters (encoder and decoder)", config.model.variant, f"{num_params:,}"
+    )
 
   train_step = make_train_step(config, parts, mesh, state)
   eval_step = make_eval_step(parts, mesh, state)
@@ -366,7 +399,8 @@ def _pretrain(config, workdir: str, mesh, local_batch: int, allow_config_change:
       log.writer.write_images(int(state.step), summarize(state))
     values = validate(state)
     if best is not None and "val_loss" in values:
-      best.offer(int(state.step), state, values["val_loss"])
+      if best.offer(int(state.step), state, values["val_loss"]):
+        logging.info("best checkpoint @ %d: writing to %s", int(state.step), best.directory)
       if best.best() is not None:
         values["best_val_loss"] = best.best()[1]
     return values
@@ -401,10 +435,10 @@ def _pretrain(config, workdir: str, mesh, local_batch: int, allow_config_change:
       log.write(total_steps, values)
       last.update(values)
       logging.info(
-        "k-NN top-1 %.4f (random init %.4f) in %.1fs",
-        accuracy["pretrained"],
-        accuracy["random"],
-        time.time() - t0,
+        "k-NN top-1 %.1f%% (random init %.1f%%), in %s",
+        100 * accuracy["pretrained"],
+        100 * accuracy["random"],
+        console.duration(time.time() - t0),
       )
   finally:
     # Waits for a save in flight: whatever stopped the run, the last

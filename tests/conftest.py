@@ -48,3 +48,55 @@ def fake_fashion_mnist(tmp_path_factory):
     _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", _class_images(rng, labels))
     _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
   return folder
+
+
+@pytest.fixture(scope="session")
+def pretrained_run(fake_fashion_mnist, tmp_path_factory):
+  """A 4-step SplitMask run of the tiny test config at 32 px, on the fake
+  Fashion-MNIST files, for the downstream tests: (workdir, TFDS data_dir)."""
+  from splitmask_jax import train  # pylint: disable=import-outside-toplevel
+
+  from helpers import load_config  # pylint: disable=import-outside-toplevel
+
+  root = tmp_path_factory.mktemp("pretrained")
+  config = load_config("test")
+  config.data.manual_dir = str(fake_fashion_mnist)
+  config.data.data_dir = str(root / "tfds")
+  config.knn.enabled = False
+  config.summary_images = 0
+  train.train_and_evaluate(config, str(root / "run"))
+  return root / "run", root / "tfds"
+
+
+@pytest.fixture(scope="session")
+def cli_run(fake_fashion_mnist, tmp_path_factory):
+  """`python -m splitmask_jax.main` with the demo's config at test settings, for 6 steps,
+  from unprepared fake Fashion-MNIST: (the finished process, its workdir). Its stdout
+  ends with whether the run imported TensorFlow ('tensorflow imported: False')."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  import textwrap  # pylint: disable=import-outside-toplevel
+
+  from helpers import CONFIG_FILE  # pylint: disable=import-outside-toplevel
+  from helpers import ROOT  # pylint: disable=import-outside-toplevel
+
+  tmp = tmp_path_factory.mktemp("cli")
+  code = textwrap.dedent("""
+    import atexit, runpy, sys
+    atexit.register(lambda: print("tensorflow imported:", "tensorflow" in sys.modules))
+    sys.argv = ["splitmask_jax.main"] + sys.argv[1:]
+    runpy.run_module("splitmask_jax.main", run_name="__main__", alter_sys=True)
+  """)
+  command = [
+    sys.executable,
+    "-c",
+    code,
+    f"--config={CONFIG_FILE}:test",
+    f"--workdir={tmp / 'run'}",
+    f"--config.data.manual_dir={fake_fashion_mnist}",
+    f"--config.data.data_dir={tmp / 'tfds'}",
+    "--config.num_steps=6",
+  ]
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-4000:]
+  return result, tmp / "run"

@@ -15,7 +15,6 @@ from splitmask_jax import config_base
 from splitmask_jax import finetune
 from splitmask_jax import optim
 from splitmask_jax import probe
-from splitmask_jax import train
 from splitmask_jax.data import input_pipeline
 from splitmask_jax.data import subsets
 from splitmask_jax.models import pretrain
@@ -34,18 +33,6 @@ def _finetune_config(arg, fake_dir, data_dir, **overrides):
   config.data.data_dir = str(data_dir)
   config.update_from_flattened_dict(overrides)
   return config
-
-
-@pytest.fixture(scope="module")
-def pretrained_run(fake_fashion_mnist, tmp_path_factory):
-  """A 4-step SplitMask run of the tiny test config: (workdir, TFDS data_dir)."""
-  root = tmp_path_factory.mktemp("pretrained")
-  config = load_config("test")
-  config.data.manual_dir = str(fake_fashion_mnist)
-  config.data.data_dir = str(root / "tfds")
-  config.knn.enabled = False
-  train.train_and_evaluate(config, str(root / "run"))
-  return root / "run", root / "tfds"
 
 
 # --- layer-wise learning-rate decay -------------------------------------------------

@@ -60,11 +60,15 @@ def _clean_env(**extra) -> dict:
 
 def _report(logs: dict) -> str:
   """What explains a failed multi-process run: every process's error lines
-  (absl's E/F lines, exceptions) and the end of its log."""
+  (ERROR/FATAL lines in the console's form or absl's, exceptions) and the end of its log."""
   parts = []
   for i, log in logs.items():
     lines = log.splitlines()
-    errors = [ln for ln in lines if re.match(r"[EF]\d{4} ", ln) or "Error" in ln]
+    errors = [
+      ln
+      for ln in lines
+      if re.match(r"([EF]\d{4}|\d\d:\d\d:\d\d (ERROR|CRITICAL)) ", ln) or "Error" in ln
+    ]
     parts.append(f"--- process {i}: errors\n" + "\n".join(errors[-30:]))
     parts.append(f"--- process {i}: end of log\n" + "\n".join(lines[-25:]))
   return "\n".join(parts)

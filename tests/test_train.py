@@ -1,8 +1,5 @@
 """The training loop: end to end through the CLI, resume, and sharded == single device."""
 
-import subprocess
-import sys
-
 import jax
 import ml_collections
 import numpy as np
@@ -19,8 +16,6 @@ from splitmask_jax.runtime import metric_log
 from splitmask_jax.runtime import sharding
 
 import helpers
-from helpers import CONFIG_FILE
-from helpers import ROOT
 from helpers import load_config
 
 
@@ -32,22 +27,9 @@ def _test_config(fake_dir, data_dir, **overrides):
   return config
 
 
-def test_cli_end_to_end(fake_fashion_mnist, tmp_path):
+def test_cli_end_to_end(cli_run):
   """`python -m splitmask_jax.main` prepares the data, trains, evaluates, writes."""
-  workdir = tmp_path / "run"
-  cmd = [
-    sys.executable,
-    "-m",
-    "splitmask_jax.main",
-    f"--config={CONFIG_FILE}:test",
-    f"--workdir={workdir}",
-    f"--config.data.manual_dir={fake_fashion_mnist}",
-    f"--config.data.data_dir={tmp_path / 'tfds'}",
-    "--config.num_steps=6",
-  ]
-  result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-4000:]
-
+  _, workdir = cli_run
   records = metric_log.read_metrics(str(workdir))
   train_records = [r for r in records if "inpaint_loss" in r]
   assert [r["step"] for r in train_records] == [2, 4, 6]

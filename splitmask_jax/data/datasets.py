@@ -1,8 +1,10 @@
 """TFDS datasets on disk: preparing them (offline where possible) and opening them.
 
 Training reads datasets through `tfds.data_source`, i.e. from ArrayRecord files with
-random access and no TensorFlow at read time. Preparing a dataset (writing those files)
-needs TensorFlow, because TFDS's `Image` feature PNG-encodes with it.
+random access and no TensorFlow. Preparing Fashion-MNIST or an image folder needs none
+either: their images reach TFDS already encoded (PNG, JPEG) by PIL. Other TFDS builders
+may hand TFDS image arrays, which TFDS encodes with TensorFlow; preparing those without
+it installed stops with `DatasetNotPreparedError` naming the package to install.
 
 A dataset is named as in `config.data.dataset`: a TFDS name, or a folder of the user's
 own images (a path starting with '/', './', '../' or '~'; `image_folder.py`), which is
@@ -11,14 +13,17 @@ needs a manual download is prepared from `config.data.manual_dir` when that is s
 
 The embedded default dataset, Fashion-MNIST, is prepared under TFDS's own name, version,
 features, keys and split layout (`fashion_mnist` 3.0.1, train / test), so a copy built
-here from local IDX files and one built by TFDS online hold the same records in the same
-order and are interchangeable.
+here from local IDX files and one built by TFDS online hold the same images and labels in
+the same order and are interchangeable (the PNG bytes differ: PIL encodes them here,
+TensorFlow there; both are lossless).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
+import io
 import os
 import socket
 import urllib.parse
@@ -32,6 +37,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
+from PIL import Image
 from tensorflow_datasets.image_classification import mnist
 
 from splitmask_jax.data import image_folder
@@ -185,8 +191,17 @@ class _LocalFashionMNIST(mnist.FashionMNIST, skip_registration=True):
 def _examples(images: np.ndarray, labels: np.ndarray) -> Iterator[tuple[int, dict[str, Any]]]:
   # The file index is the key, as in TFDS's builder: TFDS orders records by key
   # hash, so equal keys give the same record order as TFDS's own preparation.
+  # The images go to TFDS as PNG bytes encoded here: given arrays, TFDS would encode
+  # them with TensorFlow.
   for index, (image, label) in enumerate(zip(images, labels)):
-    yield index, {"image": image, "label": label}
+    yield index, {"image": _png(image), "label": label}
+
+
+def _png(image: np.ndarray) -> bytes:
+  """uint8 [H, W, 1] -> PNG bytes of the greyscale image (lossless)."""
+  encoded = io.BytesIO()
+  Image.fromarray(image[..., 0]).save(encoded, format="PNG")
+  return encoded.getvalue()
 
 
 def _has_fashion_mnist_files(folder: str) -> bool:
@@ -237,7 +252,8 @@ def _other_dataset_message(name: str, data_dir: str, builder: tfds.core.DatasetB
   if not instructions:
     return (
       f"TFDS dataset {name!r} is not prepared in {data_dir or 'TFDS default data_dir'}. "
-      f"Download and prepare it once (as ArrayRecord; this needs TensorFlow) with\n"
+      f"Download and prepare it once (as ArrayRecord; many TFDS builders need TensorFlow "
+      f"for this: pip install -e '.[tensorflow]') with\n"
       f"  python -m splitmask_jax.data --dataset={name}{where}"
     )
   return (
@@ -264,12 +280,43 @@ def _prepare_from_manual_dir(
       f"(--config.data.manual_dir={manual_dir} "
       f"{'is empty' if folder.is_dir() else 'is not a folder'}.)"
     )
-  builder.download_and_prepare(
-    file_format=tfds.core.FileFormat.ARRAY_RECORD,
-    download_config=tfds.download.DownloadConfig(
-      manual_dir=os.fspath(folder), try_download_gcs=False
-    ),
-  )
+  with _tensorflow_needed(name):
+    builder.download_and_prepare(
+      file_format=tfds.core.FileFormat.ARRAY_RECORD,
+      download_config=tfds.download.DownloadConfig(
+        manual_dir=os.fspath(folder), try_download_gcs=False
+      ),
+    )
+
+
+def _lacks_tensorflow(error: BaseException | None) -> bool:
+  # TFDS re-raises the ImportError under its own prefixes, so the name may be
+  # only in the message, or in an exception the error was raised from.
+  while error is not None:
+    if isinstance(error, ImportError) and (
+      error.name == "tensorflow" or "No module named 'tensorflow'" in str(error)
+    ):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+@contextlib.contextmanager
+def _tensorflow_needed(name: str):
+  """Turns TFDS's failure to import TensorFlow while preparing `name` into an
+  error that says what to install."""
+  try:
+    yield
+  except ImportError as e:
+    if not _lacks_tensorflow(e):
+      raise
+    raise DatasetNotPreparedError(
+      f"Preparing TFDS dataset {name!r} needs TensorFlow (its builder hands TFDS "
+      f"image arrays, which TFDS encodes with TensorFlow), and TensorFlow is not "
+      f"installed. Install it with the package's extra, then prepare again:\n"
+      f"  pip install -e '.[tensorflow]'   (from the repository; or: pip install tensorflow)\n"
+      f"Runs on the prepared data do not need it."
+    ) from e
 
 
 def _image_folder_error(name: str, error: Exception) -> DatasetNotPreparedError:
@@ -344,7 +391,8 @@ def prepare_dataset(
     if manual and manual_dir is not None:
       _prepare_from_manual_dir(builder, name, data_dir, manual_dir)
     elif download_others and not manual:
-      builder.download_and_prepare(file_format=tfds.core.FileFormat.ARRAY_RECORD)
+      with _tensorflow_needed(name):
+        builder.download_and_prepare(file_format=tfds.core.FileFormat.ARRAY_RECORD)
     else:
       raise DatasetNotPreparedError(_other_dataset_message(name, data_dir, builder))
     return
@@ -352,6 +400,9 @@ def prepare_dataset(
   source_dir = DEBIAN_FASHION_MNIST_DIR if manual_dir is None else manual_dir
   if _has_fashion_mnist_files(source_dir):
     local = _LocalFashionMNIST(source_dir=source_dir, data_dir=data_dir)
+    logging.info(
+      "Preparing Fashion-MNIST in %s from the IDX files in %s", local.data_dir, source_dir
+    )
     local.download_and_prepare(
       file_format=tfds.core.FileFormat.ARRAY_RECORD,
       download_config=tfds.download.DownloadConfig(try_download_gcs=False),
@@ -363,8 +414,11 @@ def prepare_dataset(
     reason += f", and the download server {host} cannot be resolved (offline?)"
   elif download:
     try:
-      builder.download_and_prepare(file_format=tfds.core.FileFormat.ARRAY_RECORD)
+      with _tensorflow_needed(name):
+        builder.download_and_prepare(file_format=tfds.core.FileFormat.ARRAY_RECORD)
       return
+    except DatasetNotPreparedError:
+      raise
     # Offline, the download fails with network errors of many types (OSError,
     # DownloadError, HTTP errors): all of them mean "no data", reported below
     # with the original exception chained.

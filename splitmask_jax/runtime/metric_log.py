@@ -148,12 +148,13 @@ class _LoggingWriter:
 
 
 class Progress:
-  """Steps per second and the time left: logged, and written to TensorBoard, every
-  `every_steps` steps. Reads the clock only (no device synchronisation)."""
+  """Steps per second, written to TensorBoard every `every_steps` steps and kept in
+  `steps_per_sec` for the console. Reads the clock only (no device synchronisation)."""
 
   def __init__(self, total_steps: int, writer, every_steps: int):
     self._total, self._writer, self._every = total_steps, writer, every_steps
     self._last: tuple[int, float] | None = None
+    self.steps_per_sec: float | None = None  # None until a window past the compile
 
   def __call__(self, step: int) -> None:
     now = time.monotonic()
@@ -163,19 +164,9 @@ class Progress:
     if step % self._every and step != self._total:
       return
     first, then = self._last
-    rate = (step - first) / max(now - then, 1e-9)
-    left = (self._total - step) / rate if rate > 0 else float("inf")
-    logging.info("Step %d/%d: %.3g steps/s, %s left", step, self._total, rate, _duration(left))
-    self._writer.write_scalars(step, {"steps_per_sec": rate})
+    self.steps_per_sec = (step - first) / max(now - then, 1e-9)
+    self._writer.write_scalars(step, {"steps_per_sec": self.steps_per_sec})
     self._last = (step, now)
-
-
-def _duration(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return "?"
-  minutes, secs = divmod(int(seconds), 60)
-  hours, minutes = divmod(minutes, 60)
-  return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 class MetricLog:
@@ -202,7 +193,9 @@ class MetricLog:
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     scalars = {k: float(v) for k, v in scalars.items()}
-    logging.info("[%d] %s", step, ", ".join(f"{k}={v:.6g}" for k, v in sorted(scalars.items())))
+    # The console shows a line per log step (console.py); the full record is
+    # here with --verbosity=1, and in TensorBoard and metrics.jsonl.
+    logging.debug("[%d] %s", step, ", ".join(f"{k}={v:.6g}" for k, v in sorted(scalars.items())))
     if not self._is_writer:
       return
     self.writer.write_scalars(step, scalars)
