@@ -276,7 +276,7 @@ def run(
   """
   accumulate = jax.jit(_accumulate, out_shardings=sharding.replicated(mesh))
   profiler = profiling.StepProfiler(config.profile, workdir, total_steps)
-  progress = metric_log.Progress(total_steps, log.writer, config.log_every)
+  step_rate = metric_log.StepRate(total_steps, log.writer, config.log_every)
   last = {}
   window, window_steps, window_start = None, 0, time.time()
   with preemption.PreemptionWatcher() as watcher:
@@ -295,7 +295,7 @@ def run(
       )
       window_steps += 1
       done = step + 1
-      progress(done)
+      step_rate(done)
       profiler(done, state)
       at_end = done == total_steps
       stop = watcher.should_stop(done)
@@ -308,7 +308,7 @@ def run(
         values["images_per_sec"] = window_steps * config.batch_size / elapsed
         values["epoch"] = done / steps_per_epoch
         log.write(done, values)
-        logging.info("%s", console.step_line(done, total_steps, values, progress.steps_per_sec))
+        logging.info("%s", console.step_line(done, total_steps, values, step_rate.steps_per_sec))
         last = values
         window, window_steps = None, 0
       if (done % config.eval_every == 0 or at_end) and not stop:

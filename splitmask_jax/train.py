@@ -100,8 +100,8 @@ def _sample_patches(config, source, grid, num_patches: int, seed: int) -> np.nda
   for batch in data:
     patches = np.asarray(view(batch["image"]))
     chunks.append(patches.reshape(-1, patches.shape[-1]))
+    progress.update(min(len(chunks[-1]), num_patches - total))
     total += len(chunks[-1])
-    progress.update(min(len(chunks[-1]), num_patches - (total - len(chunks[-1]))))
     if total >= num_patches:
       break
   progress.close()
@@ -145,7 +145,9 @@ def knn_evaluation(config, model, params_by_name: dict, mesh, num_classes: int) 
   """k-NN top-1 of each named parameter set's pooled encoder features."""
   local_batch = sharding.check_batch_size(config.knn.batch_size, mesh, "knn.batch_size")
 
-  def data(split, num):
+  features_fn = jax.jit(lambda p, im: _pooled_features(model, p, im))
+
+  def features(name, params, split, num):
     source = datasets.load_source(config.data.dataset, split, config.data.data_dir)
     count = len(source) if num is None else min(num, len(source))
     examples = input_pipeline.eval_dataset(
@@ -156,28 +158,19 @@ def knn_evaluation(config, model, params_by_name: dict, mesh, num_classes: int) 
       process_count=jax.process_count(),
       num_examples=count,
     )
-    return examples, count
+    return evaluation.extract_outputs(
+      features_fn,
+      params,
+      examples,
+      mesh,
+      what=f"k-NN features ({name} encoder, {split})",
+      total=count,
+    )
 
-  features_fn = jax.jit(lambda p, im: _pooled_features(model, p, im))
   results = {}
   for name, params in params_by_name.items():
-    outputs = []
-    for split, num in (
-      (config.knn.train_split, config.knn.num_train),
-      (config.knn.test_split, config.knn.num_test),
-    ):
-      examples, count = data(split, num)
-      outputs.append(
-        evaluation.extract_outputs(
-          features_fn,
-          params,
-          examples,
-          mesh,
-          what=f"k-NN features ({name} encoder, {split})",
-          total=count,
-        )
-      )
-    (train_x, train_y), (test_x, test_y) = outputs
+    train_x, train_y = features(name, params, config.knn.train_split, config.knn.num_train)
+    test_x, test_y = features(name, params, config.knn.test_split, config.knn.num_test)
     results[name] = knn.knn_accuracy(
       train_x,
       train_y,

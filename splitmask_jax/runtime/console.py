@@ -165,7 +165,7 @@ def _percent(value: float) -> str:
   return f"{100 * value:.1f}%"
 
 
-def _headline(task: str, results: Mapping[str, float]) -> list[str]:
+def _headline(results: Mapping[str, float]) -> list[str]:
   """The few figures a run is read by, as phrases."""
   lines = []
   if "knn_top1" in results:
@@ -204,7 +204,7 @@ def summary(
     argv: the command line the run was started with (sys.argv).
   """
   command = "python -m splitmask_jax.main " + " ".join(shlex.quote(a) for a in argv[1:])
-  lines = [f"Done: {task} in {duration(seconds)}. " + "; ".join(_headline(task, results))]
+  lines = [f"Done: {task} in {duration(seconds)}. " + "; ".join(_headline(results))]
   outputs = "final_metrics.json, metrics.jsonl, TensorBoard files"
   if task == "probe":
     outputs += ", probe report"

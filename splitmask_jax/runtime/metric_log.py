@@ -147,7 +147,7 @@ class _LoggingWriter:
     pass
 
 
-class Progress:
+class StepRate:
   """Steps per second, written to TensorBoard every `every_steps` steps and kept in
   `steps_per_sec` for the console. Reads the clock only (no device synchronisation)."""
 
