@@ -44,7 +44,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from splitmask_jax import config_base
-from splitmask_jax import masking
 from splitmask_jax import objectives
 from splitmask_jax import optim
 from splitmask_jax import plan
@@ -53,8 +52,6 @@ from splitmask_jax import train_step as train_step_lib
 from splitmask_jax.data import datasets
 from splitmask_jax.data import input_pipeline
 from splitmask_jax.runtime import sharding
-
-MASK_RATIO = {"splitmask": 0.5, "beit": 0.4}
 
 
 def make_config(
@@ -86,7 +83,6 @@ def make_config(
   config.model.remat = remat
   config.tokenizer.vocab_size = vocab_size
   config.tokenizer.patch_size = max(1, int(variant.split("/")[1]) // 2)
-  config.masking.ratio = MASK_RATIO[objective]
   config.batch_size = batch_size
   config_base.validate_config(config)
   return config
@@ -95,9 +91,7 @@ def make_config(
 def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
   """One host batch: uniform random pixels and masks drawn by the run's mask function."""
   grid = config_base.grid_size(config)
-  mask_fn = masking.make_mask_fn(
-    config.objective, grid, config.masking.ratio, kind=config.masking.kind
-  )
+  mask_fn = objectives.make_mask_fn(config, grid)
   rng = np.random.default_rng(seed)
   masks = [mask_fn(rng) for _ in range(config.batch_size)]
   batch = {k: np.stack([m[k] for m in masks]) for k in masks[0]}
@@ -212,9 +206,7 @@ def pipeline(config, *, num_workers: int, batches: int, data_dir: str | None) ->
   datasets.prepare_dataset("fashion_mnist", data_dir)
   source = datasets.load_source("fashion_mnist", "train", data_dir)
   grid = config_base.grid_size(config)
-  mask_fn = masking.make_mask_fn(
-    config.objective, grid, config.masking.ratio, kind=config.masking.kind
-  )
+  mask_fn = objectives.make_mask_fn(config, grid)
   data = iter(
     input_pipeline.pretrain_dataset(
       source,

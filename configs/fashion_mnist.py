@@ -6,21 +6,22 @@ k-NN accuracy of its features on the test split beside a random-init encoder.
   python -m splitmask_jax.main --config=configs/fashion_mnist.py --workdir=workdirs/fmnist
   python -m splitmask_jax.main --config=configs/fashion_mnist.py:beit --workdir=workdirs/fmnist_beit
 
-Options, comma-separated after the colon: `beit` (the BEiT objective instead of
-SplitMask), `test` (a tiny model for a few steps, for smoke tests).
+Options, comma-separated after the colon: `beit`, `mae`, `simmim` or `dino` (that
+objective instead of SplitMask, each at its own mask ratio), `test` (a tiny model for
+a few steps, for smoke tests).
 """
 
 from splitmask_jax import config_args
 from splitmask_jax import config_base
 from splitmask_jax import recipes
 
-OPTIONS = (config_args.BEIT, config_args.TEST)
+OPTIONS = (*config_args.OBJECTIVE_OPTIONS, config_args.TEST)
 
 
 def get_config(arg: str | None = None):
   args = config_args.parse(arg, OPTIONS)
   c = config_base.base_config()
-  c.objective = "beit" if args.beit else "splitmask"
+  c.objective = config_args.objective(args)
 
   # 28 px images cropped and resized to 32 px: a 4x4 grid of 8 px patches keeps
   # a step cheap enough for ~400 images/s on 2 CPU cores.
@@ -40,7 +41,6 @@ def get_config(arg: str | None = None):
   c.tokenizer.kmeans_iters = 10
 
   c.masking.kind = "block"
-  c.masking.ratio = 0.4 if c.objective == "beit" else 0.5
 
   c.data.dataset = "fashion_mnist"
   # Debian's dataset-fashion-mnist package installs the four IDX files here.
@@ -67,6 +67,57 @@ def get_config(arg: str | None = None):
   c.knn.num_test = 5_000
   c.knn.batch_size = 512
 
+  # The pixel baselines at the demo's scale; the learning rate, schedule and crops
+  # stay the demo's, so that every objective runs on the same budget.
+  if c.objective == "mae":
+    # MAE's uniform masking at its 75%: the encoder sees 4 of the 16 patches. Its
+    # decoder shrinks with the encoder, from 8 blocks of width 512 for ViT-L (width
+    # 1024) to 2 blocks of width 128 for Mini/8 (width 128), 4 heads of 32 dims as
+    # MAE's 16 of 32; AdamW's beta2 is MAE's 0.95.
+    c.masking.kind = "uniform"
+    c.mae.decoder_width = 128
+    c.mae.decoder_depth = 2
+    c.mae.decoder_num_heads = 4
+    c.optim.b2 = 0.95
+    if args.test:  # the tiny test encoder's width and heads, one block
+      c.mae.decoder_width, c.mae.decoder_depth, c.mae.decoder_num_heads = 32, 1, 2
+  elif c.objective == "simmim":
+    # SimMIM's squares are 2x2 ViT patches (32 px on 16 px patches): here 16 px on
+    # 8 px patches, a 2x2 grid of squares on the 32 px image, of which ceil(0.6 * 4)
+    # = 3 are masked (75% of the patches, where 30 of 49 squares at 224 px are 61%).
+    c.masking.kind = "uniform"
+    c.simmim.mask_patch_size = 16
+  elif c.objective == "dino":
+    # DINO at the demo's scale. Crops: the global ones are the demo's 32 px (a 4x4
+    # grid; DINO's 224 px, 14x14), the local ones 16 px (2x2 patches; DINO's 96 px
+    # is 0.43 of its global side), and 4 of them instead of DINO's 8, which keeps an
+    # update within a few times the SplitMask demo's cost. The head shrinks with the
+    # encoder (width 128, a third of ViT-S's 384): hidden 512 and bottleneck 128
+    # (DINO's 2048 and 256), K = 4096 outputs (65,536), whose last layer would
+    # otherwise hold 8M of the model's 10M parameters. Schedules in epochs scale
+    # with the run, 3 epochs for DINO's 100: the teacher temperature warms from 0.04
+    # to 0.07 over 1 epoch (30), the last layer is held for 0.03 epochs (1; 7 of
+    # the 703 updates). The teacher's momentum starts at 0.99 (0.996): DINO's
+    # 125k updates become 703, and an EMA over 1 / (1 - 0.996) = 250 updates would
+    # lag a third of the run behind the student. The learning rate and its warmup
+    # stay the demo's; the weight decay is DINO's cosine from 0.04 to 0.4.
+    c.dino.out_dim = 4096
+    c.dino.hidden_dim = 512
+    c.dino.bottleneck_dim = 128
+    c.dino.num_local_crops = 4
+    c.dino.local_crop_size = 16
+    c.dino.warmup_teacher_temp_epochs = 1.0
+    c.dino.freeze_last_layer_epochs = 0.03
+    c.dino.momentum_teacher = 0.99
+    c.optim.weight_decay = 0.04
+    c.optim.weight_decay_end = 0.4
+
   if args.test:
     recipes.use_test_settings(c)
+    if c.objective == "dino":
+      # The test model (Test/8, 32 px) with a small head and 2 local crops of 16 px.
+      c.dino.out_dim = 64
+      c.dino.hidden_dim = 32
+      c.dino.bottleneck_dim = 16
+      c.dino.num_local_crops = 2
   return c

@@ -80,6 +80,11 @@ class Option:
 
 # The options several config files take, one meaning each.
 BEIT = Option("beit", bool, False, "the BEiT objective instead of SplitMask")
+MAE = Option("mae", bool, False, "the MAE objective (pixels of the masked patches)")
+SIMMIM = Option("simmim", bool, False, "the SimMIM objective ([MASK] tokens, L1 on pixels)")
+DINO = Option("dino", bool, False, "the DINO objective (self-distillation, multi-crop)")
+# Each names its objective; SplitMask when none is given.
+OBJECTIVE_OPTIONS = (BEIT, MAE, SIMMIM, DINO)
 TEST = Option("test", bool, False, "a tiny model for a few steps: the smoke test of a config")
 SHARE = Option(
   "share",
@@ -146,3 +151,12 @@ def parse(
     if values[first] is True and values[second] is True:
       raise ArgumentError(f"Config arguments {first!r} and {second!r} exclude each other.")
   return types.SimpleNamespace(**values)
+
+
+def objective(args: types.SimpleNamespace) -> str:
+  """The objective that `parse`'s result names ('splitmask' when no objective option is
+  set); raises ArgumentError when several are set."""
+  chosen = [o.name for o in OBJECTIVE_OPTIONS if getattr(args, o.name, False)]
+  if len(chosen) > 1:
+    raise ArgumentError(f"Config arguments {' and '.join(map(repr, chosen))} exclude each other.")
+  return chosen[0] if chosen else "splitmask"

@@ -36,11 +36,21 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "pretrain"
   c.seed = 0
-  # 'splitmask' (split, inpaint, match) or 'beit' ([MASK] tokens, one encoder pass).
+  # 'splitmask' (split, inpaint, match) or 'beit' ([MASK] tokens, one encoder pass);
+  # the pixel baselines 'mae' (visible patches only, a light decoder) and 'simmim'.
   c.objective = "splitmask"
 
   c.model = _model_group()
   c.model.decoder_depth = 2  # decoder width = encoder width (the paper)
+  # SplitMask: what maps each branch's pooled decoder output to the embedding the
+  # InfoNCE match compares. 'none' (the paper's Eq. 2, read literally: the pooled
+  # outputs themselves); 'mlp': SimCLR's / MoCo v3's projector, Dense(hidden) -
+  # LayerNorm - ReLU - Dense(dim) (LayerNorm, not their BatchNorm: no running
+  # statistics, nothing shared across images or micro-batches; see
+  # pretrain.SplitMaskModel). Its parameters stay out of params['encoder'].
+  c.model.projector = "none"
+  c.model.projector_hidden_dim = 2048  # SimCLR's hidden width (MoCo v3's ViT: 4096)
+  c.model.projector_dim = 256  # MoCo v3's output width
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.kind = "random_projection"
@@ -54,9 +64,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.masking = ml_collections.ConfigDict()
   c.masking.kind = "block"
-  # SplitMask: each branch observes (1 - ratio) of the patches (0.5: a mask and
-  # its complement). BEiT: the share of patches replaced by [MASK] (0.4).
-  c.masking.ratio = 0.5
+  # SplitMask: the share each branch does not observe (it observes 1 - ratio; 0.5: a
+  # mask and its complement). BEiT, SimMIM: the share replaced by [MASK]. MAE: the
+  # share the encoder does not see. None: the objective's own (its module's
+  # DEFAULT_MASK_RATIO: SplitMask 0.5, BEiT 75/196, MAE 0.75, SimMIM 0.6).
+  c.masking.ratio = placeholder(float)
   c.masking.min_block = placeholder(int)  # None: 16/196 of the patches (BEiT's 16 on 14x14)
   c.masking.max_block = placeholder(int)  # None: 75/196 of the patches
 
@@ -65,6 +77,75 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.match = True  # symmetric InfoNCE between the branches' pooled outputs
   c.loss.match_weight = 1.0
   c.loss.temperature = 0.2
+  # What each branch inpaints when the ratio is above 0.5 (the small-data recipe's
+  # 75% uniform masking: each branch sees 25%, so half of the patches neither sees).
+  # The paper has a branch inpaint "the patches of the subset B", the other branch's,
+  # and its loss "computed over all the patches of the image": both hold only at
+  # 0.5, where the two choices coincide. 'missing': every patch the branch does not
+  # see, so every patch is a target (design.md's reading); 'other_visible': only
+  # the other branch's observed patches (at 75%, half of the patches are no target).
+  c.loss.inpaint_targets = "missing"
+  # The InfoNCE negatives of an anchor. 'other_branch': the other branch's
+  # embeddings of the other images, B - 1 (Eq. 2's denominator: the positive and
+  # "the representations of the other images in the batch", as MoCo v3 computes
+  # it); 'both_branches': SimCLR's NT-Xent, both branches' embeddings of the other
+  # images, 2B - 2 (the paper symmetrises the loss "following" SimCLR, whose loss
+  # this is). See losses.symmetric_info_nce.
+  c.loss.negatives = "other_branch"
+  # MoCo v3 multiplies its InfoNCE by 2 * temperature, so that the gradient's scale
+  # does not grow as 1 / temperature; the paper, which takes tau = 0.2 from MoCo v3,
+  # does not say. False: the plain InfoNCE.
+  c.loss.scale_by_temperature = False
+
+  # MAE (objective 'mae'): the decoder over the encoder's tokens and mask tokens
+  # (MAE's ViT-L decoder: 8 blocks of width 512, 16 heads, MLP 4 x width), and the
+  # target: each masked patch normalised by its own mean and variance (True, as MAE)
+  # or its raw pixels in [-1, 1].
+  c.mae = ml_collections.ConfigDict()
+  c.mae.decoder_width = 512
+  c.mae.decoder_depth = 8
+  c.mae.decoder_num_heads = 16
+  c.mae.norm_pix_loss = True
+
+  # SimMIM (objective 'simmim'): the side in pixels of its mask squares, a multiple of
+  # the ViT patch that divides the image (SimMIM: 32 px on 16 px patches); a share
+  # config.masking.ratio of them (rounded up) is masked, drawn uniformly, which needs
+  # masking.kind='uniform'.
+  c.simmim = ml_collections.ConfigDict()
+  c.simmim.mask_patch_size = 32
+
+  # DINO (objective 'dino', objectives/dino.py), its defaults at 224 px (DINO's
+  # main_dino.py). Its optimizer is config.optim's: DINO's is AdamW at lr 5e-4 x
+  # batch / 256 (base_lr=5e-4, base_batch_size=256), warmup_epochs=10, min_lr=1e-6,
+  # weight_decay=0.04 with weight_decay_end=0.4, grad_clip=3.0. config.augment and
+  # data.crop_scale do not apply: each view has DINO's own crop and augmentation.
+  c.dino = ml_collections.ConfigDict()
+  # The head: 3-layer MLP (GELU) to the bottleneck, L2 normalisation, a
+  # weight-normalised layer to out_dim = K outputs; norm_last_layer fixes its
+  # weight norm's scale at 1 (DINO's default, more stable), else it is learned.
+  c.dino.out_dim = 65536
+  c.dino.hidden_dim = 2048
+  c.dino.bottleneck_dim = 256
+  c.dino.norm_last_layer = True
+  # Multi-crop: 2 global crops of model.image_size px and num_local_crops local
+  # crops of local_crop_size px (a multiple of the patch size), each a random
+  # resized crop of that share of the image area.
+  c.dino.global_crop_scale = (0.4, 1.0)
+  c.dino.num_local_crops = 8
+  c.dino.local_crop_size = 96
+  c.dino.local_crop_scale = (0.05, 0.4)
+  # Temperatures: the student's, and the teacher's, linear from warmup_teacher_temp
+  # to teacher_temp over the first warmup_teacher_temp_epochs, then constant.
+  c.dino.student_temp = 0.1
+  c.dino.warmup_teacher_temp = 0.04
+  c.dino.teacher_temp = 0.07
+  c.dino.warmup_teacher_temp_epochs = 30.0
+  # The teacher's EMA momentum, a cosine from momentum_teacher to 1 over the run,
+  # and the momentum of the centre of its outputs.
+  c.dino.momentum_teacher = 0.996
+  c.dino.centre_momentum = 0.9
+  # The head's last layer is held still (no gradient, no update) this long.
+  c.dino.freeze_last_layer_epochs = 1.0
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "imagenet2012"
@@ -90,6 +171,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim = _optim_group(
     base_lr=1.5e-3, base_batch_size=2048, min_lr=1e-5, warmup_epochs=10.0, grad_clip=3.0
   )
+  # Set: the weight decay follows a cosine from weight_decay at the first update to
+  # this at the last (DINO: 0.04 -> 0.4); None: weight_decay throughout.
+  c.optim.weight_decay_end = ml_collections.FieldReference(None, field_type=float)
 
   c.batch_size = 2048  # global, over all processes and devices
   _add_length_keys(c, num_epochs=300.0)
@@ -251,6 +335,12 @@ def downstream_config() -> ml_collections.ConfigDict:
   c.model = _model_group()
   # BEiT's head initialisation: truncated normal (0.02) scaled by this.
   c.model.head_init_scale = 0.001
+  # What the head reads (models/classifier.py). True, as BEiT's fine-tuning: the mean
+  # of the last block's tokens, then a LayerNorm of its own (`fc_norm`, new at
+  # fine-tuning; the encoder's final LayerNorm goes unused). False: the mean of the
+  # encoder's normalised tokens, the features k-NN reads. Probing reads every
+  # block's raw output and ignores it.
+  c.model.fc_norm = True
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "imagenet2012"
@@ -476,7 +566,30 @@ def _check_pretrain(config) -> None:
     _fail("tokenizer.patch_size", config.tokenizer.patch_size, "it must be positive")
   if config.masking.kind not in MASKINGS:
     _fail("masking.kind", config.masking.kind, f"allowed values are {MASKINGS}")
-  ratio = config.masking.ratio
+  _check_mask_ratio(config)
+  if config.objective == "splitmask" and not (config.loss.inpaint or config.loss.match):
+    _fail("loss", "inpaint=False, match=False", "enable inpaint, match or both")
+  if config.loss.temperature <= 0:
+    _fail("loss.temperature", config.loss.temperature, "it must be positive")
+  _check_splitmask_choices(config)
+  if config.summary_images < 0:
+    _fail("summary_images", config.summary_images, "it must be >= 0 (0: off)")
+  photometric.make_augment_fn(config.augment)  # raises naming a bad config.augment key
+  _check_pixel_objectives(config)
+  end = config.optim.weight_decay_end
+  if end is not None and not end >= 0:
+    _fail("optim.weight_decay_end", end, "it must be >= 0 (or None: a constant weight decay)")
+  if config.objective == "dino":
+    _check_dino(config)
+
+
+def _check_mask_ratio(config) -> None:
+  """The resolved mask ratio (`objectives.mask_ratio`: the key, or the objective's own
+  default when it is None), for an objective that masks; one whose DEFAULT_MASK_RATIO
+  is None (DINO) ignores the key."""
+  if objectives.get(config.objective).DEFAULT_MASK_RATIO is None:
+    return
+  ratio = objectives.mask_ratio(config)
   if config.objective == "splitmask" and not 0.5 <= ratio < 1:
     _fail(
       "masking.ratio",
@@ -485,13 +598,108 @@ def _check_pretrain(config) -> None:
     )
   if not 0 < ratio < 1:
     _fail("masking.ratio", ratio, "it must lie in (0, 1)")
-  if config.objective == "splitmask" and not (config.loss.inpaint or config.loss.match):
-    _fail("loss", "inpaint=False, match=False", "enable inpaint, match or both")
-  if config.loss.temperature <= 0:
-    _fail("loss.temperature", config.loss.temperature, "it must be positive")
-  if config.summary_images < 0:
-    _fail("summary_images", config.summary_images, "it must be >= 0 (0: off)")
-  photometric.make_augment_fn(config.augment)  # raises naming a bad config.augment key
+
+
+def _check_dino(config) -> None:
+  """The `dino` group, for the objective that reads it."""
+  d = config.dino
+  for key in ("out_dim", "hidden_dim", "bottleneck_dim"):
+    if isinstance(d[key], bool) or not isinstance(d[key], int) or d[key] < 1:
+      _fail(f"dino.{key}", d[key], "it must be a positive integer")
+  if isinstance(d.num_local_crops, bool) or d.num_local_crops < 0:
+    _fail("dino.num_local_crops", d.num_local_crops, "it must be >= 0")
+  _, patch = vit.parse_variant(config.model.variant)
+  if d.num_local_crops and (d.local_crop_size <= 0 or d.local_crop_size % patch):
+    _fail(
+      "dino.local_crop_size",
+      d.local_crop_size,
+      f"it must be a positive multiple of the patch size {patch} of "
+      f"model.variant={config.model.variant!r}",
+    )
+  for key in ("global_crop_scale", "local_crop_scale"):
+    lo, hi = d[key]
+    if not 0 < lo <= hi <= 1:
+      _fail(f"dino.{key}", d[key], "it needs 0 < min <= max <= 1")
+  for key in ("student_temp", "warmup_teacher_temp", "teacher_temp"):
+    if not d[key] > 0:
+      _fail(f"dino.{key}", d[key], "it must be positive")
+  for key in ("warmup_teacher_temp_epochs", "freeze_last_layer_epochs"):
+    if not d[key] >= 0:
+      _fail(f"dino.{key}", d[key], "it must be >= 0 (0: none)")
+  if not 0 <= d.momentum_teacher <= 1:
+    _fail("dino.momentum_teacher", d.momentum_teacher, "it must lie in [0, 1]")
+  if not 0 <= d.centre_momentum < 1:
+    _fail("dino.centre_momentum", d.centre_momentum, "it must lie in [0, 1)")
+  for key in photometric.CONFIG_KEYS:
+    if key.endswith("_prob") and config.augment[key]:
+      _fail(
+        f"augment.{key}",
+        config.augment[key],
+        "DINO's views have their own augmentations (objectives/dino.py, VIEW_AUGMENTS), "
+        "which objective='dino' uses instead: leave it at 0",
+      )
+
+
+def _check_pixel_objectives(config) -> None:
+  """The `mae` or `simmim` group, for the objective that reads it."""
+  if config.objective == "mae":
+    mae = config.mae
+    for key in ("decoder_width", "decoder_depth", "decoder_num_heads"):
+      if mae[key] < 1:
+        _fail(f"mae.{key}", mae[key], "it must be positive")
+    if mae.decoder_width % mae.decoder_num_heads:
+      _fail(
+        "mae.decoder_width",
+        mae.decoder_width,
+        f"it must be a multiple of mae.decoder_num_heads={mae.decoder_num_heads}",
+      )
+  elif config.objective == "simmim":
+    # Raises naming simmim.mask_patch_size, masking.kind or masking.ratio.
+    objectives.simmim.mask_squares(config)
+
+
+# SplitMask's open choices: the key and its default (the paper's reading).
+_SPLITMASK_CHOICES = {
+  "loss.inpaint_targets": "missing",
+  "loss.negatives": "other_branch",
+  "loss.scale_by_temperature": False,
+  "model.projector": "none",
+}
+
+
+def _check_splitmask_choices(config) -> None:
+  """The keys of SplitMask's open choices: allowed values, and left at their defaults
+  by the other objectives, which would ignore them."""
+  loss, model = config.loss, config.model
+  for key, value, allowed in (
+    ("loss.inpaint_targets", loss.inpaint_targets, objectives.splitmask.INPAINT_TARGETS),
+    ("loss.negatives", loss.negatives, objectives.splitmask.NEGATIVES),
+    ("model.projector", model.projector, objectives.splitmask.PROJECTORS),
+  ):
+    if value not in allowed:
+      _fail(key, value, f"allowed values are {allowed}")
+  if not isinstance(loss.scale_by_temperature, bool):
+    _fail("loss.scale_by_temperature", loss.scale_by_temperature, "it must be True or False")
+  for key in ("projector_hidden_dim", "projector_dim"):
+    if isinstance(model[key], bool) or not isinstance(model[key], int) or model[key] <= 0:
+      _fail(f"model.{key}", model[key], "it must be a positive integer")
+  if config.objective != "splitmask":
+    for key, default in _SPLITMASK_CHOICES.items():
+      group, name = key.split(".")
+      if config[group][name] != default:
+        _fail(
+          key,
+          config[group][name],
+          f"it is a choice of SplitMask's, which objective={config.objective!r} would "
+          f"ignore: leave it at {default!r}",
+        )
+  elif model.projector != "none" and not loss.match:
+    _fail(
+      "model.projector",
+      model.projector,
+      "the projector feeds the match loss only, which config.loss.match=False turns "
+      "off: set it to 'none' or turn the match on",
+    )
 
 
 def _check_downstream(config) -> None:
@@ -560,15 +768,29 @@ RESUMABLE_KEYS = (
   "model.attention",
 )
 # Keys added after runs were written, each with the value that computes what such
-# a run computed (for model.scan: the parameter layout its checkpoints hold).
+# a run computed (for model.scan: the parameter layout its checkpoints hold; for
+# model.fc_norm: a head on the normalised tokens, no `fc_norm` parameters).
 # Contract: a change that adds a config key whose default changes what a run
 # computes, or how its checkpoints are laid out, adds the key here with its
 # old-behaviour value. A saved config that lacks the key then resumes at that
 # value (legacy_values), and compares at it (resume_conflicts); a new key whose
 # default computes what the old runs computed (model.attention's 'auto') needs no
 # entry: a saved config that lacks it compares at the schema's default.
-ADDED_KEYS = {"model.scan": False}
+ADDED_KEYS = {"model.scan": False, "model.fc_norm": False}
 _ABSENT = "<absent>"
+
+
+def _resolved_mask_ratio(ratio, flat: dict[str, Any]) -> Any:
+  # None: the objective's own ratio (objectives.mask_ratio), from the same config.
+  module = objectives.OBJECTIVES.get(flat.get("objective"))
+  return module.DEFAULT_MASK_RATIO if ratio is None and module is not None else ratio
+
+
+# Keys whose value None stands for a value that other keys of the config decide,
+# each with `(value, flat config) -> the value a run uses`. A saved config and a new
+# one compare at the values they resolve to: a run written when masking.ratio held
+# its objective's ratio explicitly (0.5 for SplitMask) resumes with None.
+RESOLVED_KEYS = {"masking.ratio": _resolved_mask_ratio}
 
 
 def _json_flat(config) -> dict[str, Any]:
@@ -624,8 +846,9 @@ def resume_conflicts(saved: dict, config) -> dict[str, tuple[Any, Any]]:
     a key that one side lacks. A key that the saved config lacks (one added since
     the run was written) is compared at its value in ADDED_KEYS, or else at the
     schema's default, so that a new key left at its default resumes; as a saved
-    value it then reads '<absent: value>'. Empty when the run may resume with
-    `config`.
+    value it then reads '<absent: value>'. A key of RESOLVED_KEYS compares at
+    the value it resolves to; a None that differs reads '<None: value>'. Empty
+    when the run may resume with `config`.
   """
   old, new = _flatten(saved), _json_flat(config)
   defaults = _json_flat(schema_of(config))
@@ -634,7 +857,16 @@ def resume_conflicts(saved: dict, config) -> dict[str, tuple[Any, Any]]:
     if any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS):
       continue
     before = old[key] if key in old else _old_value(key, defaults)
-    if before != new.get(key, _ABSENT):
+    after = new.get(key, _ABSENT)
+    if key in RESOLVED_KEYS and _ABSENT not in (before, after):
+      resolve = RESOLVED_KEYS[key]
+      if resolve(before, old) == resolve(after, new):
+        continue
+      before, after = (
+        f"<None: {resolve(v, flat)!r}>" if v is None and resolve(v, flat) is not None else v
+        for v, flat in ((before, old), (after, new))
+      )
+    if before != after:
       shown = before if key in old or before == _ABSENT else f"<absent: {before!r}>"
-      conflicts[key] = (shown, new.get(key, _ABSENT))
+      conflicts[key] = (shown, after)
   return conflicts

@@ -31,9 +31,13 @@ returns the logits [B, K]. `timm.create_model('local-dir:DIR', pretrained=True,
 num_classes=K2)` swaps in a fresh head for further fine-tuning.
 
 The architecture: no class token, learned position embeddings on the patches
-only, average pooling after the final LayerNorm (`global_pool='avg'`,
-`fc_norm=False`), exact GELU, LayerNorm epsilon 1e-6 (timm's default), query
-and value biases only (the key's third of timm's fused qkv bias is zero).
+only, average pooling (`global_pool='avg'`), exact GELU, LayerNorm epsilon 1e-6
+(timm's default), query and value biases only (the key's third of timm's fused
+qkv bias is zero). The pooling follows the final LayerNorm (`fc_norm=False`),
+except for a fine-tuning run with `model.fc_norm` (BEiT's reading, the default):
+its LayerNorm follows the pooling (`fc_norm=True`: timm's `norm` is then an
+identity, `fc_norm` holds the classifier's `fc_norm`, and the encoder's unused
+final LayerNorm is left out).
 """
 
 from __future__ import annotations
@@ -65,7 +69,9 @@ _INTERPOLATION = "bicubic"
 _TASKS = ("pretrain", "finetune")
 
 
-def timm_kwargs(variant: str, image_size: int, num_channels: int, num_classes: int) -> dict:
+def timm_kwargs(
+  variant: str, image_size: int, num_channels: int, num_classes: int, *, fc_norm: bool = False
+) -> dict:
   """Keyword arguments of timm's VisionTransformer that rebuild vit.Encoder.
 
   They suit `timm.models.vision_transformer.VisionTransformer(**kwargs)` and
@@ -76,6 +82,8 @@ def timm_kwargs(variant: str, image_size: int, num_channels: int, num_classes: i
     image_size: side of the square input images in pixels.
     num_channels: C, channels of the input images.
     num_classes: K of a classifier head; 0 for a bare encoder (pooled features).
+    fc_norm: the LayerNorm after the pooling instead of before it (a classifier
+      of `model.fc_norm`).
 
   Returns:
     A dict of JSON-serialisable values.
@@ -105,7 +113,7 @@ def timm_kwargs(variant: str, image_size: int, num_channels: int, num_classes: i
     qkv_bias=True,
     class_token=False,
     global_pool="avg",
-    fc_norm=False,
+    fc_norm=bool(fc_norm),
   )
 
 
@@ -133,7 +141,11 @@ def timm_pretrained_cfg(
 
 
 def to_timm_state_dict(
-  encoder_params: dict, head_params: dict | None = None, *, num_channels: int
+  encoder_params: dict,
+  head_params: dict | None = None,
+  *,
+  num_channels: int,
+  fc_norm_params: dict | None = None,
 ) -> dict[str, np.ndarray]:
   """Renames and lays out an Encoder's parameters as timm's VisionTransformer's.
 
@@ -143,6 +155,9 @@ def to_timm_state_dict(
       (or scanned 'blocks') and 'norm'; BEiT's 'mask_token' is left out.
     head_params: a linear head's {'kernel': [D, K], 'bias': [K]}, or None.
     num_channels: C, channels of the input images (fixes p from p*p*C).
+    fc_norm_params: the LayerNorm after the pooling ({'scale': [D], 'bias': [D]},
+      a classifier's `fc_norm`), or None. Given, it becomes timm's `fc_norm` and
+      the encoder's final 'norm', which such a classifier skips, is left out.
 
   Returns:
     timm's names -> contiguous float32 arrays, PyTorch layouts: Linear weights
@@ -203,7 +218,13 @@ def to_timm_state_dict(
     dense(f"{dst}.mlp.fc1", f"{src}/fc1")
     dense(f"{dst}.mlp.fc2", f"{src}/fc2")
     depth += 1
-  layer_norm("norm", "norm")
+  if fc_norm_params is None:
+    layer_norm("norm", "norm")
+  else:
+    for name in ("norm/scale", "norm/bias"):
+      flat.pop(name, None)
+    out["fc_norm.weight"] = np.asarray(fc_norm_params["scale"], np.float32)
+    out["fc_norm.bias"] = np.asarray(fc_norm_params["bias"], np.float32)
   if flat:
     raise ValueError(f"encoder parameters with no timm counterpart: {sorted(flat)}")
 
@@ -252,12 +273,26 @@ def export(workdir: str, output_dir: str, *, step: int | None = None) -> dict[st
   model = config["model"]
   # Built before the checkpoint is read, to fail early on an invalid model; the
   # number of classes is known once the head is.
-  kwargs = timm_kwargs(model["variant"], model["image_size"], model["num_channels"], 0)
+  # A fine-tuning config.json without the key is a run from before it: no fc_norm.
+  fc_norm = task == "finetune" and bool(model.get("fc_norm", False))
+  kwargs = timm_kwargs(
+    model["variant"], model["image_size"], model["num_channels"], 0, fc_norm=fc_norm
+  )
   variables, step = checkpointing.load_params(workdir, step)
   params = variables["params"]
+  if fc_norm and "fc_norm" not in params:
+    raise ValueError(
+      f"{workdir}'s config.json has model.fc_norm=True but its checkpoint of step {step} "
+      f"holds no fc_norm parameters: its top-level parameters are {sorted(params)}."
+    )
   head = params["head"] if task == "finetune" else None
   num_classes = kwargs["num_classes"] = 0 if head is None else int(np.shape(head["kernel"])[1])
-  state_dict = to_timm_state_dict(params["encoder"], head, num_channels=model["num_channels"])
+  state_dict = to_timm_state_dict(
+    params["encoder"],
+    head,
+    num_channels=model["num_channels"],
+    fc_norm_params=params["fc_norm"] if fc_norm else None,
+  )
   # Pre-training evaluates whole images resized; fine-tuning its central crop.
   crop_pct = config.get("data", {}).get("test_crop_ratio", 1.0) if task == "finetune" else 1.0
 

@@ -75,6 +75,7 @@ def build_classifier(
     num_classes=num_classes,
     drop_path_rate=config.model.drop_path,
     head_init_scale=config.model.head_init_scale,
+    use_fc_norm=config.model.fc_norm,
     dtype=jnp.dtype(config.model.dtype),
     **vit.block_options(config.model, platform or sharding.default_platform()),
   )

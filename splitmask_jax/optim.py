@@ -3,9 +3,11 @@ layer-wise learning-rate decay."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -100,8 +102,28 @@ def layer_decay_multipliers(params, depth: int, decay: float):
   return jax.tree_util.tree_map_with_path(multiplier, params)
 
 
+def weight_decay_schedule(optim_config, total_steps: int) -> float | optax.Schedule:
+  """The weight decay of a pre-training run: `weight_decay`, or when
+  `weight_decay_end` is set a schedule of the update count, a cosine from
+  `weight_decay` at the first update to `weight_decay_end` at `total_steps` (DINO's
+  0.04 -> 0.4)."""
+  start, end = optim_config.weight_decay, optim_config.weight_decay_end
+  if end is None:
+    return start
+
+  def decay(count):
+    progress = jnp.minimum(count, total_steps) / max(total_steps, 1)
+    return end + (start - end) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
+
+  return decay
+
+
 def make_optimizer(
-  optim_config, schedule: optax.Schedule, *, lr_multipliers=None
+  optim_config,
+  schedule: optax.Schedule,
+  *,
+  lr_multipliers=None,
+  weight_decay: float | optax.Schedule | None = None,
 ) -> optax.GradientTransformation:
   """Gradient clipping by global norm (unless grad_clip is None), AdamW with the
   decay mask, then per-parameter learning-rate multipliers.
@@ -112,6 +134,8 @@ def make_optimizer(
   Args:
     lr_multipliers: a pytree like the parameters (`layer_decay_multipliers`),
       or None for one rate.
+    weight_decay: a rate or a schedule of the update count
+      (`weight_decay_schedule`); None: `optim_config.weight_decay`.
   """
   parts = []
   if optim_config.grad_clip is not None:
@@ -121,7 +145,7 @@ def make_optimizer(
       schedule,
       b1=optim_config.b1,
       b2=optim_config.b2,
-      weight_decay=optim_config.weight_decay,
+      weight_decay=optim_config.weight_decay if weight_decay is None else weight_decay,
       mask=decay_mask,
     )
   )
@@ -130,3 +154,25 @@ def make_optimizer(
       optax.stateless(lambda updates, _: jax.tree.map(lambda u, m: u * m, updates, lr_multipliers))
     )
   return optax.chain(*parts)
+
+
+def hold_still(
+  optimizer: optax.GradientTransformation, mask, steps: int
+) -> optax.GradientTransformation:
+  """`optimizer` with the parameters where `mask` is True held still for its first
+  `steps` updates (DINO's last layer during the first epoch).
+
+  Their gradients are zeroed before `optimizer` (so its clipping does not count
+  them and its moments stay zero, as PyTorch leaves a parameter without a
+  gradient alone), and their updates after it (no weight decay either).
+
+  Args:
+    mask: a pytree of bools like the parameters, or a function of them giving one.
+    steps: updates to hold them for; 0 returns `optimizer` itself.
+  """
+  if steps <= 0:
+    return optimizer
+  gate = optax.masked(
+    optax.scale_by_schedule(lambda count: (count >= steps).astype(jnp.float32)), mask
+  )
+  return optax.chain(gate, optimizer, gate)

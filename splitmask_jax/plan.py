@@ -52,7 +52,6 @@ from collections.abc import Callable
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app
@@ -227,24 +226,23 @@ def _abstract_inputs(config, parts: train.Training, mesh):
   """(state shapes, state shardings, state, batch): the step's inputs as
   ShapeDtypeStructs that carry its shardings."""
   state = train_step_lib.abstract_train_state(
-    parts.model, parts.optimizer, train.codebook_shape(config), parts.example_inputs
+    parts.model,
+    parts.optimizer,
+    train.codebook_shape(config),
+    parts.example_inputs,
+    parts.step.init_objective_state,
   )
   shardings = train_step_lib.state_shardings(state, mesh)
   state_in = jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
   )
-  size, channels = config.model.image_size, config.model.num_channels
   batch_sharding = sharding.batch_sharded(mesh)
   batch = {
-    "image": jax.ShapeDtypeStruct(
-      (config.batch_size, size, size, channels), jnp.uint8, sharding=batch_sharding
-    )
-  }
-  for key, value in parts.mask_fn(np.random.default_rng(0)).items():
-    value = np.asarray(value)
-    batch[key] = jax.ShapeDtypeStruct(
+    key: jax.ShapeDtypeStruct(
       (config.batch_size, *value.shape), value.dtype, sharding=batch_sharding
     )
+    for key, value in train.example_arrays(config, parts).items()
+  }
   return state, shardings, state_in, batch
 
 

@@ -73,14 +73,45 @@ def _check_codebook(config, checkpointer: checkpointing.Checkpointer, step: int)
     )
 
 
-def _sample_patches(config, source, grid, num_patches: int, seed: int) -> np.ndarray:
-  """Tokenizer-view patches of random training images, float32 [num_patches, d].
+def patches_per_image(num_patches: int, num_images: int, per_image: int) -> np.ndarray:
+  """How many patches `_sample_patches` takes from each image it reads.
 
-  The images are the same random resized crops the model trains on, so the
-  codebook describes the patches it will tokenize.
+  As many images as the sample allows, as few patches from each: E =
+  max(min(num_patches, num_images), ceil(num_patches / per_image)) images, the
+  first num_patches mod E of them giving ceil(num_patches / E) patches and the
+  others floor(num_patches / E). E exceeds num_images only when even every
+  position of every image would be too few.
+
+  Args:
+    num_patches: patches to sample, >= 1.
+    num_images: images in the training set, >= 1.
+    per_image: positions (token patches) in one image's crop, >= 1.
+
+  Returns:
+    int64 [E], each in [1, per_image], summing to num_patches.
+  """
+  count = max(min(num_patches, num_images), -(-num_patches // per_image))
+  base, extra = divmod(num_patches, count)
+  return base + (np.arange(count) < extra)
+
+
+def _sample_patches(config, source, grid, num_patches: int, seed: int) -> np.ndarray:
+  """Tokenizer-view patches from as many training images as possible, float32
+  [num_patches, d].
+
+  The images are the same random resized crops the model trains on (the training
+  set reshuffled, as pre-training reads it), so the codebook describes the patches
+  it will tokenize. Each image read gives `patches_per_image` patches at distinct
+  random positions of its crop: one patch from each of num_patches images when the
+  set holds that many (random patches' V words; a k-means sample smaller than the
+  set), otherwise ceil or floor(num_patches / len(source)) from every image (the
+  demo's k-means: 200k patches from Fashion-MNIST's 60k images, 3 or 4 each). Only
+  when even every position of every image is too few does it read some images a
+  second time, in another crop.
   """
   per_image = grid[0] * grid[1]
-  num_images = min(len(source), -(-num_patches // per_image))
+  counts = patches_per_image(num_patches, len(source), per_image)
+  num_images = len(counts)
   batch_size = min(256, num_images)
   data = input_pipeline.pretrain_dataset(
     source,
@@ -89,26 +120,30 @@ def _sample_patches(config, source, grid, num_patches: int, seed: int) -> np.nda
     crop_scale=tuple(config.data.crop_scale),
     mask_fn=None,
     seed=seed,
+    num_workers=config.data.num_workers,
+    prefetch_buffer=config.data.prefetch,
   )
   view = jax.jit(
     lambda im: tokenizers.tokenizer_patches(
       objectives.images_to_float(im), grid, config.tokenizer.patch_size
     )
   )
-  chunks, total = [], 0
+  rng = np.random.default_rng(seed)
+  chunks, done = [], 0
   progress = console.Progress(f"Tokenizer patches from {num_images:,} images", num_patches)
   for batch in data:
-    patches = np.asarray(view(batch["image"]))
-    chunks.append(patches.reshape(-1, patches.shape[-1]))
-    progress.update(min(len(chunks[-1]), num_patches - total))
-    total += len(chunks[-1])
-    if total >= num_patches:
+    take = counts[done : done + batch_size]  # the last batch may hold more than needed
+    patches = np.asarray(view(batch["image"]))[: len(take)]  # [b, per_image, d]
+    # Distinct positions per image: the first `take` of a random order of its own.
+    order = np.argsort(rng.random((len(take), per_image)), axis=1)[:, : take.max()]
+    chosen = np.arange(take.max()) < take[:, None]
+    chunks.append(np.take_along_axis(patches, order[..., None], axis=1)[chosen])
+    progress.update(len(chunks[-1]))
+    done += len(take)
+    if done == num_images:
       break
   progress.close()
-  patches = np.concatenate(chunks)
-  if len(patches) > num_patches:
-    patches = np.random.default_rng(seed).permutation(patches)[:num_patches]
-  return patches
+  return np.concatenate(chunks)
 
 
 def build_codebook(config, source, grid, key) -> jax.Array:
@@ -190,8 +225,11 @@ class Training(NamedTuple):
 
   grid: tuple[int, int]
   model: Any
-  loss_fn: objectives.LossFn
-  mask_fn: Callable[[np.random.Generator], dict[str, np.ndarray]]
+  # The objective's loss in the train step's form, and its state's init and update.
+  step: train_step_lib.StepParts
+  mask_fn: Callable[[np.random.Generator], dict[str, np.ndarray]] | None  # None: no masks
+  # The views of an image that replace its single crop (DINO's multi-crop), or None.
+  views_fn: input_pipeline.ViewsFn | None
   schedule: optax.Schedule
   optimizer: optax.GradientTransformation
   max_skips: int  # the optimizer's max_consecutive_errors (0: every update applied)
@@ -210,44 +248,65 @@ def build_training(
   grid = config_base.grid_size(config)
   mask_fn = objectives.make_mask_fn(config, grid)
   model = objectives.build_model(config, grid, platform)
+  step = objectives.build_step_parts(
+    config, model, grid, total_steps=total_steps, steps_per_epoch=steps_per_epoch
+  )
   schedule = optim.learning_rate_schedule(
     config.optim, config.batch_size, total_steps, steps_per_epoch
   )
+  optimizer = optim.make_optimizer(
+    config.optim, schedule, weight_decay=optim.weight_decay_schedule(config.optim, total_steps)
+  )
+  if step.wrap_optimizer is not None:
+    optimizer = step.wrap_optimizer(optimizer)
   # Always wrapped, so that the optimizer state has one structure and a run can
   # resume with skipping switched on or off; 0 errors tolerated applies every update.
   max_skips = config.max_consecutive_skips if config.skip_nonfinite_updates else 0
-  optimizer = optax.apply_if_finite(
-    optim.make_optimizer(config.optim, schedule), max_consecutive_errors=max_skips
-  )
+  optimizer = optax.apply_if_finite(optimizer, max_consecutive_errors=max_skips)
+  example_masks = {} if mask_fn is None else mask_fn(np.random.default_rng(0))
   return Training(
     grid=grid,
     model=model,
-    loss_fn=objectives.build_loss_fn(config, model, grid),
+    step=step,
     mask_fn=mask_fn,
+    views_fn=objectives.make_views_fn(config),
     schedule=schedule,
     optimizer=optimizer,
     max_skips=max_skips,
-    example_inputs=objectives.example_inputs(config, mask_fn(np.random.default_rng(0))),
+    example_inputs=objectives.example_inputs(config, example_masks),
   )
+
+
+def example_arrays(config, parts: Training) -> dict[str, np.ndarray]:
+  """One example as the input pipeline yields it, for its shapes and dtypes: a zero
+  image (or the objective's views of it) and its masks."""
+  rng = np.random.default_rng(0)
+  size, channels = config.model.image_size, config.model.num_channels
+  image = np.zeros((size, size, channels), np.uint8)
+  example = {"image": image} if parts.views_fn is None else parts.views_fn(image, rng)
+  if parts.mask_fn is not None:
+    example.update(parts.mask_fn(rng))
+  return {k: np.asarray(v) for k, v in example.items()}
 
 
 def make_train_step(config, parts: Training, mesh, state):
   """The jitted `(state, batch) -> (state, metrics)` of a run (see train_step.py);
   `state` (arrays or shapes) fixes the shardings."""
   return train_step_lib.make_train_step(
-    objectives.step_loss(parts.loss_fn),
+    parts.step.loss,
     parts.optimizer,
     parts.schedule,
     config.seed,
     mesh,
     state,
     config.accum_steps,
+    update_objective_state=parts.step.update_objective_state,
   )
 
 
 def make_eval_step(parts: Training, mesh, state):
   """The jitted `(state, batch) -> metrics` of a run's held-out loss."""
-  return train_step_lib.make_eval_step(objectives.step_loss(parts.loss_fn), mesh, state)
+  return train_step_lib.make_eval_step(parts.step.loss, mesh, state)
 
 
 def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False) -> dict:
@@ -311,6 +370,7 @@ def _pretrain(config, workdir: str, mesh, local_batch: int, allow_config_change:
       crop_scale=tuple(data.crop_scale),
       augment_fn=photometric.make_augment_fn(config.augment),
       mask_fn=mask_fn,
+      views_fn=parts.views_fn,
       seed=config.seed,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
@@ -324,6 +384,12 @@ def _pretrain(config, workdir: str, mesh, local_batch: int, allow_config_change:
   if start_step:
     # The checkpoint holds the codebook: no need to rebuild it.
     codebook = jnp.zeros(codebook_shape(config), jnp.float32)
+  elif not objectives.get(config.objective).USES_TOKENIZER:
+    # Its targets are no visual words (pixels, for MAE and SimMIM): zeros of the
+    # usual shape keep one train-state structure (checkpoints, _check_codebook,
+    # plan.py) without minutes of fitting a codebook nothing reads.
+    codebook = jnp.zeros(codebook_shape(config), jnp.float32)
+    logging.info("No codebook: the %s objective reads no visual words.", config.objective)
   else:
     t0 = time.time()
     codebook = build_codebook(config, train_source, grid, codebook_key)
@@ -334,7 +400,13 @@ def _pretrain(config, workdir: str, mesh, local_batch: int, allow_config_change:
       console.duration(time.time() - t0),
     )
   state = train_step_lib.init_train_state(
-    model, parts.optimizer, codebook, parts.example_inputs, init_key, mesh
+    model,
+    parts.optimizer,
+    codebook,
+    parts.example_inputs,
+    init_key,
+    mesh,
+    parts.step.init_objective_state,
   )
   if start_step:
     state, start_step = checkpointer.restore_latest(state, train_iter)
@@ -367,6 +439,7 @@ def _pretrain(config, workdir: str, mesh, local_batch: int, allow_config_change:
       process_index=jax.process_index(),
       process_count=jax.process_count(),
       mask_fn=mask_fn,
+      views_fn=parts.views_fn,
       seed=config.seed,
       with_labels=False,
     )

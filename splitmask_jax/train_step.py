@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 from typing import Callable
+from typing import NamedTuple
 
 import flax
 import jax
@@ -16,8 +17,39 @@ from jax.sharding import PartitionSpec as P
 from splitmask_jax.runtime import sharding
 
 # `(params, state, batch, rng, *, train) -> (loss, metrics)`: the state supplies
-# what the loss reads besides the parameters (the pre-training codebook).
+# what the loss reads besides the parameters (the pre-training codebook, an
+# objective's state).
 StepLossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+# The metrics key under which a loss may return what its objective's state update
+# reads (DINO: the teacher's mean output): any tree of arrays, averaged over the
+# micro-batches like the metrics, never logged.
+STATS_KEY = "stats"
+# `(objective_state, params, stats, step) -> objective_state`: an objective's update
+# of its state after the optimizer's, from the updated parameters, the loss's
+# STATS_KEY tree and the updates done before this one.
+StateUpdateFn = Callable[[Any, Any, Any, jax.Array], Any]
+
+
+class StepParts(NamedTuple):
+  """What an objective contributes to the train step (objectives.build_step_parts).
+
+  Attributes:
+    loss: the step's loss.
+    init_objective_state: `params -> objective_state`, the TrainState field's
+      initial value; None: the objective carries no state.
+    update_objective_state: its update after each optimizer update (see
+      `make_train_step`); None with `init_objective_state`.
+    wrap_optimizer: what the objective changes in the run's optimizer (DINO holds
+      its last layer still during the first epoch), applied inside the skipping
+      wrapper; None: nothing.
+  """
+
+  loss: StepLossFn
+  init_objective_state: Callable[[Any], Any] | None = None
+  update_objective_state: StateUpdateFn | None = None
+  wrap_optimizer: Callable[[optax.GradientTransformation], optax.GradientTransformation] | None = (
+    None
+  )
 
 
 @flax.struct.dataclass
@@ -26,12 +58,17 @@ class TrainState:
 
   The codebook is not trained; it lives here so that a resumed or evaluated
   run tokenizes with exactly the codebook the run was trained with.
+  `objective_state` is what an objective carries from step to step besides the
+  trained parameters (DINO: the EMA teacher, laid out like the parameters, and
+  the centre); None for the others, whose state tree and checkpoints are as
+  they were before it existed (runtime/checkpointing.py leaves None fields out).
   """
 
   step: jax.Array  # int32 []
   params: Any
   opt_state: Any
   codebook: jax.Array  # float32 [V, d]
+  objective_state: Any = None
 
 
 def init_train_state(
@@ -41,6 +78,7 @@ def init_train_state(
   example_inputs: tuple,
   rng: jax.Array,
   mesh: Mesh,
+  init_objective_state: Callable[[Any], Any] | None = None,
 ) -> TrainState:
   """Initialises the state directly into its sharding (see `state_shardings`).
 
@@ -51,9 +89,11 @@ def init_train_state(
     codebook: float32 [V, d], the same value on every process.
     example_inputs: positional model inputs with a batch of one, used for shapes only.
     rng: the parameter-init key.
+    init_objective_state: `params -> objective_state` (DINO's teacher and centre),
+      or None for an objective that carries none.
   """
 
-  init = _init_fn(model, optimizer, example_inputs)
+  init = _init_fn(model, optimizer, example_inputs, init_objective_state)
   abstract = jax.eval_shape(init, rng, codebook)
   return jax.jit(init, out_shardings=state_shardings(abstract, mesh))(rng, codebook)
 
@@ -63,13 +103,15 @@ def abstract_train_state(
   optimizer: optax.GradientTransformation,
   codebook_shape: tuple[int, int],
   example_inputs: tuple,
+  init_objective_state: Callable[[Any], Any] | None = None,
 ) -> TrainState:
   """The TrainState's shapes and dtypes (jax.ShapeDtypeStruct leaves), computing nothing."""
   codebook = jax.ShapeDtypeStruct(codebook_shape, jnp.float32)
-  return jax.eval_shape(_init_fn(model, optimizer, example_inputs), jax.random.PRNGKey(0), codebook)
+  init = _init_fn(model, optimizer, example_inputs, init_objective_state)
+  return jax.eval_shape(init, jax.random.PRNGKey(0), codebook)
 
 
-def _init_fn(model, optimizer, example_inputs):
+def _init_fn(model, optimizer, example_inputs, init_objective_state=None):
   def init(rng, codebook):
     params = model.init({"params": rng, "dropout": rng}, *example_inputs, train=False)
     return TrainState(
@@ -77,6 +119,7 @@ def _init_fn(model, optimizer, example_inputs):
       params=params,
       opt_state=optimizer.init(params),
       codebook=codebook,
+      objective_state=None if init_objective_state is None else init_objective_state(params),
     )
 
   return init
@@ -186,11 +229,19 @@ def make_train_step(
   mesh: Mesh,
   state,
   accum_steps: int = 1,
+  update_objective_state: StateUpdateFn | None = None,
 ):
   """Returns the jitted `(state, batch) -> (state, metrics)`.
 
   `state` is a TrainState or any flax dataclass with `step`, `params` and
   `opt_state` (the fine-tuning state); it fixes the shardings.
+
+  With `update_objective_state` the TrainState's `objective_state` is updated
+  after the optimizer, in the same jitted step (no host synchronisation), from
+  the new parameters and the STATS_KEY tree of the loss's metrics (the mean over
+  the whole batch under accumulation); a step whose gradients `optax.apply_if_finite`
+  found not finite (a skipped update, or one that stops the run) leaves it as it
+  was. STATS_KEY never reaches the returned metrics.
 
   The dropout / drop-path key of step s is `fold_in(key(seed), s)`, so a
   resumed run draws the same randomness as an unbroken one. The state buffer is
@@ -218,6 +269,8 @@ def make_train_step(
       mesh=mesh,
       grad_shardings=shardings.params,
     )
+    metrics = dict(metrics)
+    stats = metrics.pop(STATS_KEY, None)
     # Gradients laid out like the parameters: the batch reduction ends in each
     # device's shard (a reduce-scatter where the backend forms one) and the
     # update runs on that shard only.
@@ -225,7 +278,18 @@ def make_train_step(
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    if update_objective_state is not None:
+      updated = update_objective_state(state.objective_state, params, stats, state.step)
+      if isinstance(opt_state, optax.ApplyIfFiniteState):
+        updated = jax.tree.map(
+          lambda new, old: jnp.where(opt_state.last_finite, new, old),
+          updated,
+          state.objective_state,
+        )
+      updated = jax.lax.with_sharding_constraint(updated, shardings.objective_state)
+      new_state = new_state.replace(objective_state=updated)
+    return new_state, metrics
 
   return jax.jit(
     step,
@@ -240,7 +304,7 @@ def make_eval_step(loss_fn: StepLossFn, mesh: Mesh, state: TrainState):
 
   def step(state: TrainState, batch):
     _, metrics = loss_fn(state.params, state, batch, jax.random.PRNGKey(0), train=False)
-    return metrics
+    return {k: v for k, v in metrics.items() if k != STATS_KEY}
 
   return jax.jit(
     step,

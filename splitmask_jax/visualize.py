@@ -32,6 +32,8 @@ from matplotlib.figure import Figure
 from splitmask_jax import objectives
 from splitmask_jax import tokenizers
 from splitmask_jax.data import input_pipeline
+from splitmask_jax.models import pretrain
+from splitmask_jax.objectives import pixels as pixel_targets
 from splitmask_jax.runtime import checkpointing
 from splitmask_jax.runtime import sharding
 
@@ -41,6 +43,8 @@ HIDDEN = 128
 # Summary tiles are enlarged (by an integer factor) to at least this many pixels.
 SUMMARY_MIN_SIDE = 64
 SUMMARY_TAG = "val_images"
+# The objectives `reconstructions` pictures; the summary is off for others.
+PICTURED_OBJECTIVES = ("splitmask", "beit", "mae", "simmim")
 
 
 def to_uint8(pixels: jax.Array) -> jax.Array:
@@ -181,33 +185,83 @@ def _predicted(images, tokens, masked, codebook, grid, token_patch):
   )
 
 
+def paint_pixels(images: jax.Array, predicted: jax.Array, masked: jax.Array, *, grid) -> jax.Array:
+  """`images` with predicted pixels painted over the patches at `masked`.
+
+  Args:
+    images: uint8 [B, H, W, C].
+    predicted: float [B, m, P * P * C] in [-1, 1] (clipped), each patch in
+      `vit.patchify`'s (row, col, channel) order.
+    masked: int [B, m], the patches they replace.
+
+  Returns:
+    uint8 [B, H, W, C].
+  """
+  images = jnp.asarray(images, jnp.uint8)
+  b, m = masked.shape
+  patch, channels = _patch_side(images, grid), images.shape[-1]
+  num_patches = grid[0] * grid[1]
+  tiles = to_uint8(jnp.asarray(predicted)).reshape(b, m, patch, patch, channels)
+  rows = jnp.arange(b)[:, None]
+  full = jnp.zeros((b, num_patches, patch, patch, channels), jnp.uint8).at[rows, masked].set(tiles)
+  where = _pixel_mask(indices_to_mask(masked, num_patches), grid, patch)
+  return jnp.where(where, _assemble(full, grid), images)
+
+
 def reconstructions(
-  model, variables, codebook: jax.Array, batch: Mapping[str, jax.Array], *, grid, token_patch: int
+  model,
+  variables,
+  codebook: jax.Array,
+  batch: Mapping[str, jax.Array],
+  *,
+  grid,
+  token_patch: int,
+  norm_pix_loss: bool = False,
 ) -> dict[str, jax.Array]:
   """What the model sees and predicts for a batch, as columns of pictures.
 
-  The predictions are the argmax visual words of the model in evaluation mode
-  (no stochastic depth), painted over the patches a branch does not see; the
-  patches it sees keep their pixels.
+  The predictions are those of the model in evaluation mode (no stochastic
+  depth), painted over the patches it does not see; the patches it sees keep
+  their pixels. SplitMask and BEiT predict visual words (their argmax word's
+  picture is painted), MAE and SimMIM pixels.
 
   Args:
-    model: `objectives.build_model`'s SplitMask or BEiT model.
+    model: `objectives.build_model`'s SplitMask, BEiT, MAE or SimMIM model.
     variables: its variables {'params': ...}.
-    codebook: float [V, d], the run's codebook.
-    batch: uint8 'image' [B, H, W, C] and the masks of `masking.make_mask_fn`
-      for the model's objective, with a leading batch axis.
+    codebook: float [V, d], the run's codebook (unread for MAE and SimMIM).
+    batch: uint8 'image' [B, H, W, C] and the masks of the objective's
+      `make_mask_fn`, with a leading batch axis.
+    norm_pix_loss: MAE only: its predictions are of normalised patches
+      (`config.mae.norm_pix_loss`), drawn with each true patch's mean and
+      variance (objectives.pixels.denormalize_patches): the model predicts the shape of a
+      patch, not its brightness.
 
   Returns:
     uint8 [B, H, W, C] pictures, in display order. SplitMask: 'original',
     'A sees', 'A predicts', 'B sees', 'B predicts', 'tokens' (the target
     visual words of every patch); BEiT: 'original', 'BEiT sees', 'BEiT
-    predicts', 'tokens'.
+    predicts', 'tokens'; MAE and SimMIM: 'original', '<name> sees',
+    '<name> predicts'.
   """
   images = jnp.asarray(batch["image"], jnp.uint8)
   x = objectives.images_to_float(images)
   num_patches = grid[0] * grid[1]
   common = dict(codebook=codebook, grid=grid, token_patch=token_patch)
   columns = {"original": images}
+  if isinstance(model, pretrain.MAEModel):
+    out = model.apply(variables, x, batch["visible"], batch["masked"], train=False)
+    predicted = out["pixels"]
+    if norm_pix_loss:
+      true = pixel_targets.patch_pixels(x, model.patch_size, batch["masked"])
+      predicted = pixel_targets.denormalize_patches(predicted, true)
+    columns["MAE sees"] = hide_patches(images, indices_to_mask(batch["visible"], num_patches), grid)
+    columns["MAE predicts"] = paint_pixels(images, predicted, batch["masked"], grid=grid)
+    return columns
+  if isinstance(model, pretrain.SimMIMModel):
+    out = model.apply(variables, x, batch["mask"], batch["masked"], train=False)
+    columns["SimMIM sees"] = hide_patches(images, ~jnp.asarray(batch["mask"], bool), grid)
+    columns["SimMIM predicts"] = paint_pixels(images, out["pixels"], batch["masked"], grid=grid)
+    return columns
   if "visible_a" in batch:
     out = model.apply(
       variables,
@@ -303,7 +357,8 @@ def summary_batch(
 def make_summary_fn(
   config, model, source: Sequence[Mapping], mask_fn: input_pipeline.MaskFn, mesh
 ) -> Callable[[object], dict[str, np.ndarray]] | None:
-  """The image summaries of a pre-training run's evaluations, or None when off.
+  """The image summaries of a pre-training run's evaluations, or None when off
+  (`config.summary_images` = 0, or an objective outside PICTURED_OBJECTIVES).
 
   The first `config.summary_images` records of `source` (the validation split)
   with the validation masks of the run's seed: the same images and masks at
@@ -314,7 +369,7 @@ def make_summary_fn(
     `summary_strips` and `reconstructions` for the columns), one jitted call;
     every process must call it, its result is the same on all.
   """
-  if not config.summary_images:
+  if not config.summary_images or config.objective not in PICTURED_OBJECTIVES:
     return None
   batch = summary_batch(
     source,
@@ -325,10 +380,19 @@ def make_summary_fn(
   )
   grid = model.grid
   token_patch = config.tokenizer.patch_size
+  norm_pix_loss = config.objective == "mae" and config.mae.norm_pix_loss
 
   def strips(variables, codebook):
     # The few images and masks are constants of the compiled function.
-    columns = reconstructions(model, variables, codebook, batch, grid=grid, token_patch=token_patch)
+    columns = reconstructions(
+      model,
+      variables,
+      codebook,
+      batch,
+      grid=grid,
+      token_patch=token_patch,
+      norm_pix_loss=norm_pix_loss,
+    )
     return {f"{SUMMARY_TAG}/{', '.join(columns)}": summary_strips(columns)}
 
   compiled = jax.jit(strips, out_shardings=sharding.replicated(mesh))

@@ -17,7 +17,6 @@ import pytest
 
 from splitmask_jax import config_base
 from splitmask_jax import finetune
-from splitmask_jax import masking
 from splitmask_jax import objectives
 from splitmask_jax import optim
 from splitmask_jax import tokenizers
@@ -42,9 +41,7 @@ def _pretrain_parts(arg, **loss_keys):
   config.loss.update(loss_keys)
   grid = config_base.grid_size(config)
   rng = np.random.default_rng(0)
-  mask_fn = masking.make_mask_fn(
-    config.objective, grid, config.masking.ratio, kind=config.masking.kind
-  )
+  mask_fn = objectives.make_mask_fn(config, grid)
   masks = [mask_fn(rng) for _ in range(BATCH)]
   size, channels = config.model.image_size, config.model.num_channels
   batch = {k: np.stack([m[k] for m in masks]) for k in masks[0]}

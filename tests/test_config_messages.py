@@ -72,8 +72,9 @@ def test_bad_config_argument_is_one_message(tmp_path):
   workdir = tmp_path / "run"
   result = _main(workdir, f"--config={CONFIG_FILE}:tset")
   _fails_with_one_message(result, workdir)
-  assert "Unknown config argument 'tset' (did you mean 'test'?); allowed: beit, test" in (
-    result.stderr
+  assert (
+    "Unknown config argument 'tset' (did you mean 'test'?); allowed: beit, mae, simmim, dino, test"
+    in result.stderr
   )
 
 

@@ -15,7 +15,6 @@ from safetensors import numpy as safetensors_numpy
 from splitmask_jax import export
 from splitmask_jax import finetune
 from splitmask_jax import loop
-from splitmask_jax import masking
 from splitmask_jax import objectives
 from splitmask_jax.models import vit
 from splitmask_jax.runtime import checkpointing
@@ -188,14 +187,7 @@ def test_export_cli_from_a_beit_pretraining_run(tmp_path):
   config = load_config("beit,test")
   grid = (SIZE // 8,) * 2
   model = objectives.build_model(config, grid)
-  mask_fn = masking.make_mask_fn(
-    config.objective,
-    grid,
-    config.masking.ratio,
-    kind=config.masking.kind,
-    min_block=config.masking.min_block,
-    max_block=config.masking.max_block,
-  )
+  mask_fn = objectives.make_mask_fn(config, grid)
   inputs = objectives.example_inputs(config, mask_fn(np.random.default_rng(0)))
   init = model.init(jax.random.PRNGKey(0), *inputs, train=False)
   steps = {2: _perturbed(init, 2), 4: _perturbed(init, 4)}
@@ -228,21 +220,35 @@ def test_export_cli_from_a_beit_pretraining_run(tmp_path):
   )
 
 
-def test_export_of_a_finetuning_run_loads_in_timm(tmp_path):
-  """timm builds the classifier from the folder alone and gives the same logits."""
+@pytest.mark.parametrize("fc_norm", [True, False, None])
+def test_export_of_a_finetuning_run_loads_in_timm(tmp_path, fc_norm):
+  """timm builds the classifier from the folder alone and gives the same logits, with
+  the LayerNorm after the pooling (model.fc_norm, BEiT's) or before it (False, and a
+  run from before the key existed: None)."""
   config = load_config("test", path=FINETUNE_CONFIG_FILE)
+  config.model.fc_norm = bool(fc_norm)
   classifier = finetune.build_classifier(config, num_classes=7)
   variables = _init(classifier, 1, 5)
+  assert ("fc_norm" in variables["params"]) is bool(fc_norm)
   _save_run(tmp_path / "run", config, {3: variables})
+  if fc_norm is None:
+    saved = json.loads((tmp_path / "run" / loop.CONFIG_FILE).read_text())
+    del saved["model"]["fc_norm"]
+    (tmp_path / "run" / loop.CONFIG_FILE).write_text(json.dumps(saved))
   paths = export.export(str(tmp_path / "run"), str(tmp_path / "exported"))
   assert paths == {
     "weights": str(tmp_path / "exported" / "model.safetensors"),
     "config": str(tmp_path / "exported" / "config.json"),
   }
 
+  weights = safetensors_numpy.load_file(paths["weights"])
+  assert ("fc_norm.weight" in weights) is bool(fc_norm)
+  assert ("norm.weight" in weights) is not bool(fc_norm)
+
   torch = pytest.importorskip("torch")
   timm = pytest.importorskip("timm")
   model = timm.create_model(f"local-dir:{tmp_path / 'exported'}", pretrained=True).eval()
+  assert isinstance(model.norm, torch.nn.Identity) is bool(fc_norm)
   data_config = timm.data.resolve_data_config(model=model)
   assert data_config["input_size"] == (1, SIZE, SIZE)
   assert list(data_config["mean"]) == [0.5] and list(data_config["std"]) == [0.5]

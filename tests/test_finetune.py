@@ -13,6 +13,7 @@ from PIL import Image
 
 from splitmask_jax import config_base
 from splitmask_jax import finetune
+from splitmask_jax import loop
 from splitmask_jax import optim
 from splitmask_jax import probe
 from splitmask_jax.data import input_pipeline
@@ -60,6 +61,7 @@ def test_layer_decay_multipliers_match_hand_table():
     "params/encoder/block_1/attn/q_bias": 0.5,
     "params/encoder/block_1/fc2/bias": 0.5,
     "params/encoder/norm/scale": 1.0,
+    "params/fc_norm/scale": 1.0,  # BEiT's fc_norm learns with the head
     "params/head/kernel": 1.0,
     "params/head/bias": 1.0,
   }
@@ -231,6 +233,78 @@ def test_downstream_config_checks():
   bad.augment.mixupp = 0.5
   with pytest.raises(ValueError, match=r"config.augment.mixupp is not a key .*downstream"):
     config_base.validate_config(bad)
+
+
+# --- the pooled-feature norm (model.fc_norm) -------------------------------------------
+
+
+def _layer_norm(x, scale, bias, eps=1e-6):
+  """float64 LayerNorm over the last axis."""
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + eps) * scale + bias
+
+
+@pytest.mark.parametrize("fc_norm", [True, False])
+def test_head_reads_the_pooled_features_where_beit_normalises_them(fc_norm):
+  """fc_norm: mean of the last block's raw tokens, then fc_norm, then the head (BEiT's
+  use_mean_pooling); without it: mean of the encoder's normalised tokens. float64
+  NumPy from the blocks' raw outputs, every parameter moved off its initial value."""
+  config = load_config("test", FINETUNE_CONFIG_FILE)
+  assert config.model.fc_norm  # BEiT's fine-tuning is the default
+  config.model.fc_norm = fc_norm
+  model = finetune.build_classifier(config, 10)
+  images = np.random.default_rng(0).uniform(-1, 1, (3, 32, 32, 1)).astype(np.float32)
+  variables = model.init({"params": jax.random.PRNGKey(0)}, jnp.asarray(images), train=False)
+  rng = np.random.default_rng(1)
+  variables = jax.tree.map(lambda x: np.asarray(x) + 0.3 * rng.standard_normal(x.shape), variables)
+  params = variables["params"]
+  assert ("fc_norm" in params) is fc_norm
+  if fc_norm:
+    assert {k: v.shape for k, v in params["fc_norm"].items()} == {"scale": (32,), "bias": (32,)}
+
+  blocks = model.apply(
+    variables, jnp.asarray(images), method=lambda m, x: m.encoder(x, train=False)[1]
+  )["block_outputs"]
+  raw = np.asarray(blocks[-1], np.float64)  # [B, N, D], before the encoder's norm
+  enc_norm, head = params["encoder"]["norm"], params["head"]
+  if fc_norm:
+    pooled = _layer_norm(raw.mean(1), params["fc_norm"]["scale"], params["fc_norm"]["bias"])
+  else:
+    pooled = _layer_norm(raw, enc_norm["scale"], enc_norm["bias"]).mean(1)
+  expected = pooled @ head["kernel"] + head["bias"]
+  logits = model.apply(variables, jnp.asarray(images), train=False)
+  np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+  # The encoder's final norm is unused with fc_norm (BEiT has none), read without.
+  moved = jax.tree.map(lambda x: x, variables)
+  moved["params"]["encoder"]["norm"] = {k: 2 * v + 1 for k, v in enc_norm.items()}
+  changed = model.apply(moved, jnp.asarray(images), train=False)
+  assert np.array_equal(changed, logits) is fc_norm
+
+
+def test_finetuning_run_from_before_fc_norm_resumes_without_it(tmp_path):
+  """A run whose config.json lacks model.fc_norm trained a head on the normalised
+  tokens: it resumes with fc_norm=False, the parameters its checkpoints hold."""
+  config = load_config("test", FINETUNE_CONFIG_FILE)
+  old = config.copy_and_resolve_references()
+  old.model.fc_norm = False
+  saved = json.loads(old.to_json_best_effort())
+  del saved["model"]["fc_norm"]
+  (tmp_path / loop.CONFIG_FILE).write_text(json.dumps(saved))
+  assert config_base.legacy_values(saved, config) == {"model.fc_norm": False}
+  assert loop._check_workdir_config(config, str(tmp_path), allow_config_change=False) is False
+  assert config.model.fc_norm is False
+
+  def param_shapes(c):
+    model = finetune.build_classifier(c, 10)
+    init = finetune.classifier_init_fn(model, c)
+    return jax.tree.map(lambda x: x.shape, jax.eval_shape(init, jax.random.PRNGKey(0)))
+
+  assert param_shapes(config) == param_shapes(old)
+  # Asked for explicitly, BEiT's reading is a change of what the run computes.
+  config.model.fc_norm = True
+  assert config_base.resume_conflicts(saved, config) == {"model.fc_norm": ("<absent: False>", True)}
 
 
 # --- end to end ------------------------------------------------------------------------

@@ -142,18 +142,34 @@ def test_info_nce_bf16_and_bad_arguments():
     symmetric_info_nce(za, zb[:3], 0.2)
 
 
+def _np_nt_xent(za, zb, tau):
+  """SimCLR's NT-Xent in float64: 2B anchors, each against its other view and both
+  branches' embeddings of the other images."""
+  z = np.concatenate([za, zb]).astype(np.float64)
+  z = z / np.linalg.norm(z, axis=1, keepdims=True)
+  logits = z @ z.T / tau
+  np.fill_diagonal(logits, -np.inf)
+  n = len(za)
+  positive = (np.arange(2 * n) + n) % (2 * n)
+  ce = -_np_log_softmax(logits)[np.arange(2 * n), positive]
+  return ce.mean(), (logits.argmax(1) == positive).mean()
+
+
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs several (fake) devices")
-def test_info_nce_sharded_batch_uses_global_negatives():
-  """With the batch sharded over devices the loss equals the single-device one."""
+@pytest.mark.parametrize("negatives", ["other_branch", "both_branches"])
+def test_info_nce_sharded_batch_uses_global_negatives(negatives):
+  """With the batch sharded over devices the loss equals the single-device one
+  (for NT-Xent, the two branches' shards are joined into one global set)."""
   n = jax.device_count()
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   rng = np.random.default_rng(3)
   za = rng.normal(size=(2 * n, 5)).astype(np.float32)
   zb = (za + rng.normal(size=(2 * n, 5))).astype(np.float32)
-  loss, metrics = jax.jit(lambda a, b: symmetric_info_nce(a, b, 0.2))(
+  loss, metrics = jax.jit(lambda a, b: symmetric_info_nce(a, b, 0.2, negatives=negatives))(
     jax.device_put(za, sharding), jax.device_put(zb, sharding)
   )
-  ref_loss, ref_acc = _np_info_nce(za, zb, 0.2)
+  reference = _np_info_nce if negatives == "other_branch" else _np_nt_xent
+  ref_loss, ref_acc = reference(za, zb, 0.2)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   np.testing.assert_allclose(metrics["accuracy"], ref_acc, rtol=1e-6)

@@ -7,6 +7,7 @@ import random
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from splitmask_jax import masking
 
@@ -96,7 +97,8 @@ def test_block_mask_follows_beit_draw_for_draw():
       initial = masking.uniform_mask(init_rng, grid[0] * grid[1], initial_count).reshape(grid)
       expected = reference_beit(
         lambda a, b: a + (b - a) * ref_rng.random(),
-        lambda a, b: int(ref_rng.integers(a, b + 1)),
+        # masking's randint: one float draw, floor(U * (b - a + 1)).
+        lambda a, b: a + int(ref_rng.random() * (b - a + 1)),
         *grid,
         target,
         lo,
@@ -146,6 +148,97 @@ def test_block_mask_is_blocky():
     uniform = masking.uniform_mask(rng, N, 75)
     pairs = lambda m: (m[1:] & m[:-1]).sum() + (m[:, 1:] & m[:, :-1]).sum()
     assert pairs(block.reshape(GRID)) > 1.5 * pairs(uniform.reshape(GRID))
+
+
+def num_blocks(masks, grid):
+  """4-connected blocks of each mask: bool [D, H * W] or [D, H, W] -> int [D]."""
+  return np.array([ndimage.label(m.reshape(grid))[1] for m in masks])
+
+
+def histogram_distance(a, b):
+  """Total variation distance between the empirical distributions of two int samples."""
+  size = max(a.max(), b.max()) + 1
+  share = lambda x: np.bincount(x, minlength=size) / len(x)
+  return 0.5 * np.abs(share(a) - share(b)).sum()
+
+
+@pytest.mark.parametrize(
+  "grid,target,min_block,max_block",
+  [
+    (GRID, 75, 16, 75),  # BEiT's pre-training masks
+    ((4, 4), 6, 1, 6),  # the demo's BEiT masks (75/196 of 16), default block sizes
+    ((4, 4), 8, 1, 6),  # the demo's SplitMask A (half of 16)
+  ],
+)
+def test_exact_count_block_masks_keep_beit_block_shapes(grid, target, min_block, max_block):
+  # BEiT's own generator (its count not exact) against ours (exact): the number of
+  # 4-connected blocks per mask must match. On 14x14 at 75, topping short draws up
+  # with single cells (the former rule) gives 1.79 blocks per mask against BEiT's
+  # 1.43 (1.48 among its draws of exactly 75) and a histogram distance ~0.2.
+  draws = 2000
+  rand = random.Random(0)
+  ref = np.stack(
+    [
+      reference_beit(rand.uniform, rand.randint, *grid, target, min_block, max_block)
+      for _ in range(draws)
+    ]
+  )
+  rng = np.random.default_rng(1)
+  ours = np.stack(
+    [
+      masking.beit_mask(rng, grid, target, min_block=min_block, max_block=max_block)
+      for _ in range(draws)
+    ]
+  )
+  assert (ours.sum(1) == target).all()
+  ref_blocks, our_blocks = num_blocks(ref, grid), num_blocks(ours, grid)
+  # Ours are BEiT's masks of exactly `target` cells: compared with its exact draws
+  # (standard errors: ~0.02 on a mean, ~0.015 on a bin's share), and, looser, with
+  # all its draws.
+  exact = ref.reshape(draws, -1).sum(1) == target
+  assert abs(our_blocks.mean() - ref_blocks[exact].mean()) < 0.1
+  assert histogram_distance(our_blocks, ref_blocks[exact]) < 0.08
+  assert abs(our_blocks.mean() - ref_blocks.mean()) < 0.12
+
+
+def test_split_block_subsets_keep_beit_block_shapes():
+  # At 0.75 on 14x14, A is BEiT's mask of 49 cells and B what BEiT's loop adds
+  # around A up to 98: both compared with the reference generator's draws that
+  # hit those counts.
+  draws = 2000
+  rand = random.Random(0)
+  ref_a, ref_b = [], []
+  for _ in range(draws):
+    a = reference_beit(rand.uniform, rand.randint, 14, 14, 49, 16, 75)
+    grown = reference_beit(rand.uniform, rand.randint, 14, 14, 98, 16, 75, initial=a)
+    if a.sum() == 49 and grown.sum() == 98:
+      ref_a.append(a)
+      ref_b.append(grown & ~a)
+  rng = np.random.default_rng(2)
+  ours_a, ours_b = [], []
+  for _ in range(len(ref_a)):
+    split = masking.split_patches(rng, GRID, 0.75, kind="block")
+    for subset, out in (("visible_a", ours_a), ("visible_b", ours_b)):
+      mask = np.zeros(N, dtype=bool)
+      mask[split[subset]] = True
+      out.append(mask)
+  for ref, ours in ((ref_a, ours_a), (ref_b, ours_b)):
+    ref_blocks, our_blocks = num_blocks(ref, GRID), num_blocks(ours, GRID)
+    assert abs(our_blocks.mean() - ref_blocks.mean()) < 0.15
+    assert histogram_distance(our_blocks, ref_blocks) < 0.1
+
+
+def test_beit_mask_falls_back_to_a_top_up_when_blocks_cannot_reach_the_count(monkeypatch):
+  # On a 1x9 grid no rectangle fits BEiT's h < H: every draw is empty, so after
+  # MAX_BLOCK_DRAWS the count is reached by uniform single cells.
+  monkeypatch.setattr(masking, "MAX_BLOCK_DRAWS", 3)
+  rng = np.random.default_rng(0)
+  counts = np.zeros(9)
+  for _ in range(300):
+    mask = masking.beit_mask(rng, (1, 9), 4, min_block=1, max_block=3)
+    assert mask.sum() == 4
+    counts += mask
+  assert np.abs(counts / 300 - 4 / 9).max() < 0.1  # standard error ~0.03
 
 
 def test_exact_count_top_up_is_uniform_and_respects_allowed():

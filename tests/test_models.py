@@ -131,11 +131,24 @@ def test_patchify_matches_loop():
 def test_splitmask_shapes_dtypes_and_params_tree(splitmask):
   model, params, images, va, vb = splitmask
   out = _run(splitmask)
-  assert set(out) == {"logits_a", "logits_b", "features_a", "features_b"}
+  assert set(out) == {
+    "logits_a",
+    "logits_b",
+    "features_a",
+    "features_b",
+    "embedding_a",
+    "embedding_b",
+  }
   for k in ("logits_a", "logits_b"):
     assert out[k].shape == (B, N // 2, VOCAB) and out[k].dtype == jnp.float32
   for k in ("features_a", "features_b"):
     assert out[k].shape == (B, N, CFG["width"]) and out[k].dtype == jnp.float32
+  # No projector (the default): the matched embedding is the pooled decoder output.
+  for x in "ab":
+    assert out[f"embedding_{x}"].dtype == jnp.float32
+    np.testing.assert_allclose(
+      out[f"embedding_{x}"], np.asarray(out[f"features_{x}"]).mean(axis=1), rtol=1e-5, atol=1e-6
+    )
   assert set(params["params"]) == {"encoder", "decoder"}
   assert params["params"]["encoder"]["pos_embedding"].shape == (1, N, CFG["width"])
   assert "mask_token" not in params["params"]["encoder"]

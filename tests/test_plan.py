@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from splitmask_jax import objectives
 from splitmask_jax import plan
 from splitmask_jax.models import vit
 from splitmask_jax.runtime import targets
@@ -76,7 +77,7 @@ def _analytic_splitmask_flops(config) -> float:
   d, mlp, depth = arch["width"], arch["mlp_dim"], arch["depth"]
   grid = config.model.image_size // patch
   n_all = grid * grid
-  n_seen = n_all - int(round(config.masking.ratio * n_all))
+  n_seen = n_all - int(round(objectives.mask_ratio(config) * n_all))
   b2 = 2 * config.batch_size  # both branches
   pixels = patch * patch * config.model.num_channels
 

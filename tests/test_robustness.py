@@ -455,8 +455,8 @@ def test_workdir_of_another_config_is_refused(data_dir, reference, tmp_path, mon
   _fails_before_any_work(monkeypatch)
   with pytest.raises(
     ValueError,
-    match=r"holds a run of another config \(masking.ratio: "
-    r"0.5 -> 0.6; seed: 0 -> 1\).*--allow_config_change",
+    match=r"holds a run of another config \(masking.ratio: '<None: 0.5>' "
+    r"-> 0.6; seed: 0 -> 1\).*--allow_config_change",
   ):
     train.train_and_evaluate(_config(data_dir, **{"masking.ratio": 0.6, "seed": 1}), str(workdir))
   # Told to resume anyway, a codebook of another size still cannot be restored.

@@ -192,3 +192,91 @@ def test_argument_checks():
     tokenizers.tokenizer_patches(jnp.zeros((1, 8, 8, 3)), (2, 2, 2), 4)
   with pytest.raises(ValueError, match="vocab_size"):
     tokenizers.random_projection_codebook(jax.random.key(0), 0, 4)
+
+
+# --- the training patches the codebooks are built from (train._sample_patches) ---------
+
+
+@pytest.mark.parametrize(
+  "num_patches,num_images,per_image,images,most",
+  [
+    (8192, 1_281_167, 196, 8192, 1),  # random patches on ImageNet: V images, one each
+    (200_000, 60_000, 16, 60_000, 4),  # the demo's k-means: every image, 3 or 4 each
+    (64, 40, 16, 40, 2),  # fewer images than words: 1 or 2 each
+    (1000, 10, 16, 63, 16),  # more than every position of every image: crops again
+  ],
+)
+def test_patches_per_image_spreads_the_sample_evenly(
+  num_patches, num_images, per_image, images, most
+):
+  from splitmask_jax import train  # pylint: disable=import-outside-toplevel
+
+  counts = train.patches_per_image(num_patches, num_images, per_image)
+  assert len(counts) == images and counts.sum() == num_patches
+  assert counts.max() == most and counts.max() - counts.min() <= 1 and counts.min() >= 1
+
+
+def _coded_source(num_images):
+  """32x32 RGB images, 8x8 regions of constant colour: red codes the image, green
+  the region (row-major over the 4x4 grid), blue is 255. Red and green of a patch
+  after any normalisation are read back relative to blue."""
+  images = []
+  for i in range(num_images):
+    image = np.full((32, 32, 3), 255, np.uint8)
+    image[..., 0] = 2 * i + 1
+    for position in range(16):
+      row, col = divmod(position, 4)
+      image[8 * row : 8 * row + 8, 8 * col : 8 * col + 8, 1] = 16 * position + 8
+    images.append({"image": image})
+  return images
+
+
+def _decode(rows):
+  """(image index, region code) of each tokenizer patch row [M, 8 * 8 * 3]."""
+  rgb = np.asarray(rows, np.float64).reshape(len(rows), 64, 3)
+  assert np.ptp(rgb, axis=1).max() < 1e-5  # one colour per patch: whole regions
+  red, green = rgb[:, 0, 0] / rgb[:, 0, 2], rgb[:, 0, 1] / rgb[:, 0, 2]  # blue is 1.0
+  return np.rint(((red + 1) * 127.5 - 1) / 2).astype(int), np.rint((green + 1) * 127.5).astype(int)
+
+
+def _coded_config(kind):
+  from helpers import load_config  # pylint: disable=import-outside-toplevel
+
+  config = load_config("test")
+  config.model.num_channels = 3
+  # The whole 32 px image (no resize; a flip keeps the regions whole), a 4x4 grid.
+  config.data.crop_scale = (1.0, 1.0)
+  config.tokenizer.kind = kind
+  config.tokenizer.vocab_size = 64
+  return config
+
+
+@pytest.mark.parametrize("num_images", [100, 40])
+def test_random_patches_codebook_rows_come_from_distinct_images(num_images):
+  """V = 64 words from 64 different images, or, from 40 images, at most 2 from each,
+  at distinct positions."""
+  from splitmask_jax import train  # pylint: disable=import-outside-toplevel
+
+  config = _coded_config("random_patches")
+  codebook = train.build_codebook(config, _coded_source(num_images), (4, 4), jax.random.key(0))
+  images, regions = _decode(codebook)
+  assert set(images.tolist()) <= set(range(num_images))
+  _, per_image = np.unique(images, return_counts=True)
+  assert len(per_image) == min(64, num_images) and per_image.max() == -(-64 // num_images)
+  assert len(set(zip(images.tolist(), regions.tolist()))) == 64  # distinct positions
+
+
+@pytest.mark.parametrize("num_patches,num_images", [(150, 100), (60, 100)])
+def test_kmeans_sample_spreads_over_the_images(num_patches, num_images):
+  """k-means' sample: 1 or 2 patches from every one of 100 images (150), one from
+  each of 60 (60), never all the patches of a few images."""
+  from splitmask_jax import train  # pylint: disable=import-outside-toplevel
+
+  config = _coded_config("kmeans")
+  patches = train._sample_patches(config, _coded_source(num_images), (4, 4), num_patches, seed=1)
+  assert patches.shape == (num_patches, 192)
+  images, regions = _decode(patches)
+  _, per_image = np.unique(images, return_counts=True)
+  assert len(per_image) == min(num_patches, num_images)
+  assert per_image.max() == -(-num_patches // num_images)
+  assert len(set(zip(images.tolist(), regions.tolist()))) == num_patches

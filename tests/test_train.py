@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from splitmask_jax import config_base
-from splitmask_jax import masking
 from splitmask_jax import objectives
 from splitmask_jax import optim
 from splitmask_jax import tokenizers
@@ -93,9 +92,7 @@ def test_resume_matches_unbroken_run(fake_fashion_mnist, tmp_path, monkeypatch):
 
 def _random_batch(config, grid, batch_size, seed=0):
   rng = np.random.default_rng(seed)
-  mask_fn = masking.make_mask_fn(
-    config.objective, grid, config.masking.ratio, kind=config.masking.kind
-  )
+  mask_fn = objectives.make_mask_fn(config, grid)
   masks = [mask_fn(rng) for _ in range(batch_size)]
   size, channels = config.model.image_size, config.model.num_channels
   batch = {k: np.stack([m[k] for m in masks]) for k in masks[0]}

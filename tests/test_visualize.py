@@ -122,7 +122,7 @@ def test_reconstructions_of_both_objectives(arg, columns):
   config = load_config(arg)
   grid = config_base.grid_size(config)
   rng = np.random.default_rng(2)
-  mask_fn = masking.make_mask_fn(config.objective, grid, config.masking.ratio)
+  mask_fn = objectives.make_mask_fn(config, grid)
   masks = [mask_fn(rng) for _ in range(2)]
   batch = {k: np.stack([m[k] for m in masks]) for k in masks[0]}
   batch["image"] = rng.integers(0, 256, (2, 32, 32, 1), dtype=np.uint8)
@@ -235,7 +235,7 @@ def test_pretraining_writes_image_summaries(fake_fashion_mnist, tmp_path):
     ]
   )
   np.testing.assert_array_equal(tiles["original"], images)
-  mask_fn = masking.make_mask_fn("splitmask", grid, config.masking.ratio)
+  mask_fn = masking.make_mask_fn("splitmask", grid, objectives.mask_ratio(config))
   masks = [mask_fn(np.random.default_rng((config.seed, i))) for i in range(3)]
   for name, branch in (("A sees", "a"), ("B sees", "b")):
     visible = visualize.indices_to_mask(np.stack([m[f"visible_{branch}"] for m in masks]), 16)

@@ -9,6 +9,11 @@ derives from (pipeline seed, position of the example in the global stream). Batc
 therefore depend only on the seed and the global batch size, neither on the number
 of prefetch workers nor on where the pipeline was resumed.
 
+An objective that trains on several views of each image instead of one crop (DINO's
+multi-crop: `multi_crop`) passes a `views_fn`; its views replace 'image' in the
+batches, drawn with the same discipline, and drawn again identically for evaluation
+from a generator of the example's index.
+
 Unreadable records (an image that fails to decode) do not stop a run: pre-training
 takes the next readable record of the source in its place, so batches stay full and
 deterministic, and counts them; evaluation marks them invalid.
@@ -23,6 +28,7 @@ from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
+from typing import NamedTuple
 
 import grain
 import numpy as np
@@ -32,6 +38,9 @@ from PIL import Image
 MaskFn = Callable[[np.random.Generator], dict[str, np.ndarray]]
 # One uint8 [H, W, C] image and a generator in, the augmented image out.
 ImageAugmentFn = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+# One record's uint8 [H, W, C] image and a generator in, its views out: {key: uint8
+# array of a fixed shape} (`multi_crop`).
+ViewsFn = Callable[[np.ndarray, np.random.Generator], dict[str, np.ndarray]]
 
 # Bicubic as in BEiT's pre-training crop.
 _RESAMPLE = Image.Resampling.BICUBIC
@@ -136,6 +145,49 @@ def augment(
   return np.ascontiguousarray(out)
 
 
+class CropGroup(NamedTuple):
+  """Views of an image stacked under one batch key (see `multi_crop`).
+
+  Attributes:
+    key: the batch key, e.g. 'global'.
+    size: side of each view in pixels.
+    scale: (min, max) area fraction of each random resized crop.
+    augment_fns: one per view, applied after its crop and flip (None: nothing);
+      their number is the number of views.
+  """
+
+  key: str
+  size: int
+  scale: tuple[float, float]
+  augment_fns: tuple[ImageAugmentFn | None, ...]
+
+
+def multi_crop(
+  image: np.ndarray, rng: np.random.Generator, *, groups: Sequence[CropGroup]
+) -> dict[str, np.ndarray]:
+  """Several augmented views of one image (DINO's multi-crop), as a `ViewsFn`.
+
+  Each view is a random resized crop and flip (`augment`) followed by its own
+  augmentation; the views draw from `rng` one after the other, group by group,
+  so they depend on the image and the generator's state alone.
+
+  Args:
+    image: uint8 [H, W, C], C in (1, 3).
+    groups: what to draw (CropGroup).
+
+  Returns:
+    {group.key: uint8 [len(group.augment_fns), group.size, group.size, C]}.
+  """
+  views = {}
+  for group in groups:
+    crops = []
+    for augment_fn in group.augment_fns:
+      crop = augment(image, rng, image_size=group.size, crop_scale=group.scale)
+      crops.append(crop if augment_fn is None else augment_fn(crop, rng))
+    views[group.key] = np.stack(crops)
+  return views
+
+
 def _read(source: Sequence[Any], index: int) -> Any | None:
   """`source[index]`, or None when the record cannot be read or decoded."""
   try:
@@ -201,23 +253,41 @@ def _pretrain_example(
   crop_ratio: tuple[float, float],
   mask_fn: MaskFn | None,
   augment_fn: ImageAugmentFn | None,
+  views_fn: ViewsFn | None,
   count_skipped: bool,
 ) -> dict[str, np.ndarray]:
   record, skipped = item
   # The mask generator is split off first, so masks do not depend on how many
   # draws the augmentation makes.
   mask_rng = np.random.default_rng(rng.integers(2**63, size=2))
-  image = augment(
-    _record_image(record), rng, image_size=image_size, crop_scale=crop_scale, crop_ratio=crop_ratio
-  )
-  if augment_fn is not None:
-    image = augment_fn(image, rng)
-  example = {"image": image}
+  if views_fn is not None:
+    example = _views(views_fn, _record_image(record), rng)
+  else:
+    image = augment(
+      _record_image(record),
+      rng,
+      image_size=image_size,
+      crop_scale=crop_scale,
+      crop_ratio=crop_ratio,
+    )
+    if augment_fn is not None:
+      image = augment_fn(image, rng)
+    example = {"image": image}
   if mask_fn is not None:
     example.update(_masks(mask_fn, mask_rng))
   if count_skipped:
     example[SKIPPED_KEY] = np.int32(skipped)
   return example
+
+
+def _views(views_fn: ViewsFn, image: np.ndarray, rng: np.random.Generator) -> dict:
+  views = views_fn(image, rng)
+  if not isinstance(views, Mapping) or {"label", "valid", SKIPPED_KEY} & set(views):
+    raise ValueError(
+      f"views_fn must return a dict of arrays whose keys are not 'label', 'valid' or "
+      f"{SKIPPED_KEY!r}, got {views!r}."
+    )
+  return dict(views)
 
 
 def _check_common(
@@ -253,6 +323,7 @@ def pretrain_dataset(
   crop_ratio: tuple[float, float] = DEFAULT_CROP_RATIO,
   augment_fn: ImageAugmentFn | None = None,
   mask_fn: MaskFn | None,
+  views_fn: ViewsFn | None = None,
   seed: int,
   process_index: int = 0,
   process_count: int = 1,
@@ -281,6 +352,9 @@ def pretrain_dataset(
       the masks, which come from a generator split off before the crop.
     mask_fn: maps a generator to a dict of mask arrays of fixed shapes (one
       example), or None for images only.
+    views_fn: `(image, rng) -> {key: view array}` (`multi_crop`), drawn from the
+      example's generator in place of the crop, flip and `augment_fn`: its
+      views replace 'image'. None: one image per example.
     seed: pipeline seed in [0, 2**32); shuffling, augmentation and masks follow
       from it.
     process_index, process_count: this process and the number of processes.
@@ -293,9 +367,10 @@ def pretrain_dataset(
 
   Returns:
     grain IterDataset of dicts: 'image' uint8 [batch_size, image_size, image_size,
-    C], each mask array with a leading batch axis, and when count_skipped
-    SKIPPED_KEY int32 [batch_size], the unreadable records passed over to fill
-    each example (other record fields, such as 'label', are dropped). Its
+    C] (or the views of `views_fn`, each with a leading batch axis), each mask
+    array with a leading batch axis, and when count_skipped SKIPPED_KEY int32
+    [batch_size], the unreadable records passed over to fill each example
+    (other record fields, such as 'label', are dropped). Its
     iterator's `get_state()` / `set_state()` save and restore the position in
     the stream.
   """
@@ -308,6 +383,7 @@ def pretrain_dataset(
     crop_ratio=tuple(crop_ratio),
     mask_fn=mask_fn,
     augment_fn=augment_fn,
+    views_fn=views_fn,
     count_skipped=count_skipped,
   )
   return _batched_stream(
@@ -476,13 +552,20 @@ def _eval_example(
   channels: int,
   with_labels: bool,
   mask_fn: MaskFn | None,
+  views_fn: ViewsFn | None,
   seed: int,
   center_crop: float | None,
 ) -> dict[str, np.ndarray]:
   global_index = process_index + index * process_count
   record = _read(source, global_index) if global_index < num_examples else None
   valid = record is not None
-  if valid:
+  if views_fn is not None:
+    # Seeded by the example's index alone, apart from the masks' generator: the
+    # same views on every pass. A padding example's views (of a black image) only
+    # give the arrays their shapes.
+    image = _record_image(record) if valid else np.zeros((image_size,) * 2 + (channels,), np.uint8)
+    example = _views(views_fn, image, np.random.default_rng((seed, global_index, 1)))
+  elif valid:
     image = _record_image(record)
     box = None
     if center_crop is not None:
@@ -492,10 +575,10 @@ def _eval_example(
       side = max(1, round(min(height, width) * center_crop))
       top, left = (height - side) // 2, (width - side) // 2
       box = (left, top, left + side, top + side)
-    image = _resize(image, image_size, box=box)
+    example = {"image": _resize(image, image_size, box=box)}
   else:
-    image = np.zeros((image_size, image_size, channels), np.uint8)
-  example = {"image": image, "valid": np.bool_(valid)}
+    example = {"image": np.zeros((image_size, image_size, channels), np.uint8)}
+  example["valid"] = np.bool_(valid)
   if with_labels:
     example["label"] = np.int32(record["label"] if valid else 0)
   if mask_fn is not None:
@@ -513,6 +596,7 @@ def eval_dataset(
   process_index: int = 0,
   process_count: int = 1,
   mask_fn: MaskFn | None = None,
+  views_fn: ViewsFn | None = None,
   seed: int = 0,
   num_examples: int | None = None,
   with_labels: bool = True,
@@ -535,7 +619,10 @@ def eval_dataset(
     process_index, process_count: this process and the number of processes.
     mask_fn: maps a generator to a dict of mask arrays; its generator is seeded by
       (seed, example index). None for no masks.
-    seed: seed of the masks.
+    views_fn: as `pretrain_dataset`'s, from a generator seeded by (seed, example
+      index, 1): the random views of training, the same on every pass. Its views
+      replace 'image'; `center_crop` does not apply.
+    seed: seed of the masks and views.
     num_examples: use only the first num_examples records (default: all).
     with_labels: whether batches carry 'label'.
     center_crop: None resizes the whole image; a ratio r in (0, 1] resizes the
@@ -544,8 +631,8 @@ def eval_dataset(
 
   Returns:
     grain IterDataset of dicts: 'image' uint8 [batch_size, image_size, image_size,
-    C], 'valid' bool [batch_size], 'label' int32 [batch_size] when with_labels,
-    and each mask array with a leading batch axis.
+    C] (or the views of `views_fn`), 'valid' bool [batch_size], 'label' int32
+    [batch_size] when with_labels, and each mask array with a leading batch axis.
 
   Raises:
     ValueError: bad arguments, or with_labels and records without 'label'.
@@ -578,6 +665,7 @@ def eval_dataset(
     channels=channels,
     with_labels=with_labels,
     mask_fn=mask_fn,
+    views_fn=views_fn,
     seed=seed,
     center_crop=center_crop,
   )

@@ -2,9 +2,13 @@
 
 Its encoder is the submodule `encoder`, with the same parameter names as the
 pre-training models' encoder, so a pre-trained encoder loads into it unchanged
-(see `finetune.load_pretrained_encoder`). The head reads the average of the
-encoder's normalised tokens, the features the k-NN evaluation and the match
-loss use, so nothing new sits between the encoder and the head.
+(see `finetune.load_pretrained_encoder`). Two readings of the tokens:
+  * `use_fc_norm=True` (BEiT's fine-tuning, `use_mean_pooling`): the average of the
+    last block's raw tokens, then a new LayerNorm `fc_norm`, then the head. The
+    encoder's final LayerNorm is skipped (BEiT's fine-tuning model has none); its
+    parameters stay in the tree, unused, so any pre-trained encoder loads as it is.
+  * `use_fc_norm=False`: the average of the encoder's normalised tokens, the features
+    the k-NN evaluation and the match loss use, straight into the head.
 """
 
 from typing import Any
@@ -13,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from splitmask_jax.models.vit import _LN_EPS
 from splitmask_jax.models.vit import Encoder
 from splitmask_jax.models.vit import logits_dense
 from splitmask_jax.models.vit import pooled_features
@@ -21,7 +26,8 @@ Dtype = Any
 
 
 class Classifier(nn.Module):
-  """ViT encoder, average pooling, linear head: images [B, H, W, C] -> logits [B, K].
+  """ViT encoder, average pooling, (LayerNorm,) linear head: images [B, H, W, C] ->
+  logits [B, K].
 
   Attributes:
     width, depth, num_heads, mlp_dim: encoder size (see VARIANTS).
@@ -33,6 +39,9 @@ class Classifier(nn.Module):
     remat: what every block keeps for the backward pass (vit.remat_policy).
     scan: scan the encoder's blocks (see vit.Encoder).
     attention: the attention kernel (see vit.Attention).
+    use_fc_norm: pool the last block's raw tokens and normalise the pooled vector with
+      a LayerNorm of its own (`fc_norm`, BEiT's fine-tuning), instead of pooling
+      the encoder's normalised tokens.
   """
 
   width: int
@@ -49,6 +58,7 @@ class Classifier(nn.Module):
   remat: str | bool = "none"
   scan: bool = False
   attention: str | None = None
+  use_fc_norm: bool = True
 
   def setup(self):
     self.encoder = Encoder(
@@ -70,14 +80,20 @@ class Classifier(nn.Module):
     def head_init(key, shape, dtype=jnp.float32):
       return scale * nn.initializers.truncated_normal(stddev=0.02)(key, shape, dtype)
 
+    if self.use_fc_norm:
+      self.fc_norm = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype)
     self.head = logits_dense(
       self.num_classes, kernel_init=head_init, dtype=self.dtype, param_dtype=self.param_dtype
     )
 
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
     """Class logits, float32 [B, num_classes], of float images [B, H, W, C] in [-1, 1]."""
-    tokens, _ = self.encoder(images, train=train, with_block_outputs=False)
-    return self.head(pooled_features(tokens).astype(self.dtype))
+    tokens, aux = self.encoder(images, train=train, with_block_outputs=False)
+    if self.use_fc_norm:
+      pooled = self.fc_norm(pooled_features(aux["last_block_output"]).astype(self.dtype))
+    else:
+      pooled = pooled_features(tokens).astype(self.dtype)
+    return self.head(pooled)
 
   def block_features(self, images: jax.Array) -> jax.Array:
     """Average-pooled output of every block, float32 [B, depth, width] (no dropout).

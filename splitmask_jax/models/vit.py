@@ -143,9 +143,19 @@ def resample_pos_embedding(
     raise ValueError(f"grid must be two positive sizes (gh, gw), got {grid}")
   if grid == old_grid:
     return pos_embedding
-  image = jnp.asarray(pos_embedding, jnp.float32).reshape(*old_grid, d)
+  resized = resize_pos_embedding(jnp.asarray(pos_embedding), old_grid, grid)
+  return np.asarray(resized, pos_embedding.dtype)
+
+
+def resize_pos_embedding(
+  pos_embedding: jax.Array, old_grid: tuple[int, int], grid: tuple[int, int]
+) -> jax.Array:
+  """`resample_pos_embedding`'s interpolation as a traceable (and differentiable)
+  function: [1, gh*gw, D] on `old_grid` -> float32 [1, new_gh*new_gw, D] on `grid`."""
+  d = pos_embedding.shape[-1]
+  image = pos_embedding.astype(jnp.float32).reshape(*old_grid, d)
   resized = jax.image.resize(image, (*grid, d), method="bicubic", antialias=True)
-  return np.asarray(resized, pos_embedding.dtype).reshape(1, grid[0] * grid[1], d)
+  return resized.reshape(1, grid[0] * grid[1], d)
 
 
 def gather_tokens(x: jax.Array, indices: jax.Array) -> jax.Array:
@@ -448,6 +458,10 @@ class Encoder(nn.Module):
     scan: run the blocks as one `nn.scan` (one compiled body, parameters stacked
       under `blocks/block`) instead of unrolled (`block_<i>`); the same function.
     attention: `Attention.implementation`.
+    any_grid: also take images of another patch grid (any multiple of the patch
+      size), their position embeddings the `grid` ones resampled in the graph
+      (`resize_pos_embedding`, so their gradient reaches the parameters): DINO's
+      smaller local crops. The parameters are the same either way.
   """
 
   width: int
@@ -463,6 +477,7 @@ class Encoder(nn.Module):
   remat: str | bool = "none"
   scan: bool = False
   attention: str | None = None
+  any_grid: bool = False
 
   @nn.compact
   def __call__(
@@ -490,17 +505,22 @@ class Encoder(nn.Module):
       tokens: [B, n or N, width] in `dtype`, after the final LayerNorm.
       aux: {'block_outputs': tuple of `depth` arrays [B, n or N, width], each
         block's raw output (before the final LayerNorm); () without
-        `with_block_outputs`}.
+        `with_block_outputs`. 'last_block_output': [B, n or N, width], the
+        last block's raw output, with or without `with_block_outputs`}.
     """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     gh, gw = self.grid
-    num_patches = gh * gw
     expected = (gh * self.patch_size, gw * self.patch_size)
-    if images.ndim != 4 or tuple(images.shape[1:3]) != expected:
+    if self.any_grid and images.ndim == 4:
+      # Another grid's images are checked by patchify (whole patches); their
+      # position embeddings are resampled below.
+      gh, gw = images.shape[1] // self.patch_size, images.shape[2] // self.patch_size
+    elif images.ndim != 4 or tuple(images.shape[1:3]) != expected:
       raise ValueError(
         f"images must be [B, {expected[0]}, {expected[1]}, C] for grid={self.grid} and "
         f"patch_size={self.patch_size}, got shape {images.shape}"
       )
+    num_patches = gh * gw
     if visible is not None and mask is not None:
       raise ValueError("pass at most one of visible and mask")
     if mask is not None and not self.use_mask_token:
@@ -511,7 +531,11 @@ class Encoder(nn.Module):
       raise ValueError(f"visible must be [B, n] with B={images.shape[0]}, got {visible.shape}")
 
     patches = patchify(images, self.patch_size)
-    pos = self.param("pos_embedding", _trunc_normal, (1, num_patches, self.width), self.param_dtype)
+    pos = self.param(
+      "pos_embedding", _trunc_normal, (1, self.grid[0] * self.grid[1], self.width), self.param_dtype
+    )
+    if (gh, gw) != tuple(self.grid):
+      pos = resize_pos_embedding(pos, self.grid, (gh, gw)).astype(pos.dtype)
     pos = jnp.broadcast_to(pos, (images.shape[0],) + pos.shape[1:])
     if visible is not None:
       # Selecting before the embedding keeps the hidden pixels out of the graph.
@@ -536,8 +560,9 @@ class Encoder(nn.Module):
       scan=self.scan,
       collect=with_block_outputs,
     )
+    last = x
     x = nn.LayerNorm(epsilon=_LN_EPS, name="norm", **kw)(x)
-    return x, {"block_outputs": block_outputs}
+    return x, {"block_outputs": block_outputs, "last_block_output": last}
 
 
 class Decoder(nn.Module):

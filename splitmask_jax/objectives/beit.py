@@ -16,6 +16,11 @@ from splitmask_jax.objectives import targets
 # The masks of `masking.make_mask_fn('beit', ...)` the model reads, in its argument order.
 MODEL_INPUTS = ("mask", "masked")
 
+# BEiT's 75 of 196 patches (40% in its paper, rounded to its exact count).
+DEFAULT_MASK_RATIO = 75 / 196
+# Targets are visual words of the run's codebook.
+USES_TOKENIZER = True
+
 
 def loss(params, batch, codebook, rng, *, model, grid, token_patch, train: bool):
   """BEiT: cross-entropy on the masked patches' tokens.
@@ -52,6 +57,7 @@ def make_mask_fn(
 ) -> Callable[[np.random.Generator], dict[str, np.ndarray]]:
   """BEiT's block mask of one image: which patches become [MASK]."""
   m = config.masking
+  ratio = DEFAULT_MASK_RATIO if m.ratio is None else m.ratio
   return masking.make_mask_fn(
-    "beit", grid, m.ratio, kind=m.kind, min_block=m.min_block, max_block=m.max_block
+    "beit", grid, ratio, kind=m.kind, min_block=m.min_block, max_block=m.max_block
   )

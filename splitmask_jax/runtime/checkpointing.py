@@ -20,10 +20,15 @@ not fit an intact checkpoint is reported as such and moves nothing.
 
 `BestCheckpointer` keeps, in `<workdir>/best_checkpoint`, the state of the
 lowest held-out loss seen at evaluations, for fine-tuning from it.
+
+A train state is saved as the tree of its fields, leaving out those that are None
+(`TrainState.objective_state` of the objectives that carry none): their checkpoints
+hold what they held before the field existed, and those restore.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import grain
@@ -40,6 +45,22 @@ from splitmask_jax.runtime import workdir as workdir_lib
 BEST_DIR = "best_checkpoint"
 # The folder of a workdir where steps that could not be read are set aside.
 DAMAGED_DIR = "damaged_checkpoints"
+
+
+def _saved_tree(state):
+  """What a checkpoint holds of a train state (a dataclass): {field: value} for its
+  fields that are not None; any other tree as it is."""
+  if not dataclasses.is_dataclass(state):
+    return state
+  values = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+  return {name: value for name, value in values.items() if value is not None}
+
+
+def _as_state(restored, state_like):
+  """The inverse of `_saved_tree`: the restored fields in `state_like`'s dataclass."""
+  if not dataclasses.is_dataclass(state_like):
+    return restored
+  return state_like.replace(**restored)
 
 
 def _barriers_named(prefix: str) -> ocp.options.MultiprocessingOptions:
@@ -121,7 +142,8 @@ class Checkpointer:
     self._manager.save(
       step,
       args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)
+        state=ocp.args.StandardSave(_saved_tree(state)),
+        data=grain.checkpoint.CheckpointSave(data_iterator),
       ),
     )
 
@@ -130,7 +152,7 @@ class Checkpointer:
 
     The data iterator is restored in place; returns the train state.
     """
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _saved_tree(state_like))
     restored = self._manager.restore(
       step,
       args=ocp.args.Composite(
@@ -138,7 +160,7 @@ class Checkpointer:
         data=grain.checkpoint.CheckpointRestore(data_iterator),
       ),
     )
-    return restored["state"]
+    return _as_state(restored["state"], state_like)
 
   def restore_latest(self, state_like, data_iterator) -> tuple[object, int]:
     """Restores the newest step that reads, setting aside newer damaged ones.
@@ -261,7 +283,7 @@ class BestCheckpointer:
     _check_space(self._manager, self.directory, state, f"the best checkpoint (step {step})")
     self._manager.save(
       step,
-      args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+      args=ocp.args.Composite(state=ocp.args.StandardSave(_saved_tree(state))),
       metrics={self.metric: float(value)},
     )
     self._best = (step, float(value))

@@ -1,0 +1,247 @@
+r"""The paper's Figure 2 in miniature: which objectives keep their quality when the
+pre-training data shrinks?
+
+On Fashion-MNIST, every objective (DINO, BEiT, SplitMask, MAE, SimMIM) is pre-trained
+on 1%, 10% and 100% of the 60k training images (class-balanced, the same subset for
+every objective and seed) with the same number of updates, so a smaller share is seen
+for more epochs: the paper's constant-updates protocol. Each encoder is then judged
+with the labels of a class-balanced 10% of the training images (6,000):
+
+- k-NN top-1 of the pooled features of the last block (20 neighbours),
+- a linear probe of every block's pooled features (the last block's and the best),
+- fine-tuning (the light recipe of experiments/data_scaling.py: no RandAugment,
+  mixup or cutmix; layer decay 0.65; a fixed number of updates),
+
+beside a random-init encoder judged the same way. Top-1 on the 10k test images.
+
+  python experiments/figure2.py --out=workdirs/figure2
+  python experiments/figure2.py --out=workdirs/figure2 --objectives=dino,splitmask --seeds=0
+
+Every stage is a run of the entry point, resumed when interrupted (see
+experiments/fashion_mnist_finetune.py). Writes <out>/summary.json, <out>/results.md and
+<out>/figure2.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np
+from data_scaling import FINETUNE_FLAGS
+from fashion_mnist_finetune import FINETUNE_CONFIG
+from fashion_mnist_finetune import PRETRAIN_CONFIG
+from fashion_mnist_finetune import ROOT
+from fashion_mnist_finetune import run_stage
+
+OBJECTIVES = ("dino", "beit", "splitmask", "mae", "simmim")
+NAMES = {
+  "dino": "DINO",
+  "beit": "BEiT",
+  "splitmask": "SplitMask",
+  "mae": "MAE",
+  "simmim": "SimMIM",
+  "random_init": "random init",
+}
+# The share of labelled training images every evaluation uses.
+LABEL_SHARE = 0.1
+METRICS = {
+  "knn": "k-NN top-1",
+  "probe_last": "linear probe, last block",
+  "probe_best": "linear probe, best block",
+  "finetune": "fine-tuned top-1",
+}
+
+
+def _pretrain_flags(objective: str, share: float, seed: int, args) -> list[str]:
+  option = "" if objective == "splitmask" else f":{objective}"
+  return [
+    f"--config={PRETRAIN_CONFIG}{option}",
+    f"--config.seed={seed}",
+    f"--config.data.train_fraction={share}",
+    f"--config.num_steps={args.steps}",
+    f"--config.eval_every={max(1, args.steps // 4)}",
+    f"--config.checkpoint_every={args.steps}",
+    "--config.optim.warmup_fraction=0.1",
+    f"--config.tokenizer.kmeans_num_patches={args.kmeans_patches}",
+    # k-NN against as many labelled training images as the other evaluations use.
+    f"--config.knn.num_train={round(60_000 * LABEL_SHARE)}",
+    f"--config.knn.num_test={args.num_test}",
+  ]
+
+
+def _evaluate(init: str, seed: int, pre_dir: pathlib.Path | None, out, log, args) -> dict:
+  """Probe and fine-tune one encoder (`pre_dir` None: the random-init encoder)."""
+  label_share = [f"--config.data.train_fraction={LABEL_SHARE}", f"--config.seed={seed}"]
+  init_flags = [] if pre_dir is None else [f"--config.init.workdir={pre_dir}"]
+  probe = run_stage(
+    f"probe/{init}/seed{seed}",
+    [
+      f"--config={FINETUNE_CONFIG}:probe",
+      *label_share,
+      *init_flags,
+      f"--config.probe.random_init_baseline={pre_dir is None}",
+      f"--config.probe.num_test={args.num_test}",
+    ],
+    out / "probe" / init / f"seed{seed}",
+    log,
+  )
+  finetune_flags = list(FINETUNE_FLAGS)
+  if pre_dir is None:
+    # Layer decay keeps the lower blocks near their initialisation, which only
+    # makes sense for a learned one (as in experiments/fashion_mnist_finetune.py).
+    finetune_flags = [f for f in finetune_flags if "layer_decay" not in f]
+    finetune_flags.append("--config.optim.layer_decay=1.0")
+  tuned = run_stage(
+    f"finetune/{init}/seed{seed}",
+    [
+      f"--config={FINETUNE_CONFIG}",
+      f"--config.num_steps={args.finetune_steps}",
+      *finetune_flags,
+      f"--config.seed={seed}",
+      *init_flags,
+    ],
+    out / "finetune" / init / f"seed{seed}",
+    log,
+  )
+  name = "random_init" if pre_dir is None else "pretrained"
+  blocks = sorted(
+    (int(k.rsplit("_", 1)[1]), v)
+    for k, v in probe.items()
+    if k.startswith(f"probe_top1_{name}_block_")
+  )
+  return {
+    "probe_last": blocks[-1][1],
+    "probe_best": max(v for _, v in blocks),
+    "probe_best_block": max(blocks, key=lambda b: b[1])[0],
+    "finetune": tuned["test_top1"],
+  }
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+  a = 100 * np.asarray(values)
+  return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def _table(summary: dict) -> str:
+  seeds = summary["seeds"]
+  spread = " ± std" if len(seeds) > 1 else ""
+  head = " | ".join(f"{METRICS[m]} (%{spread})" for m in METRICS)
+  lines = [f"| objective | images | {head} |", "|---|---|" + "---|" * len(METRICS)]
+  for objective in summary["objectives"]:
+    for share in summary["shares"]:
+      runs = summary["runs"][objective][str(share)]
+      cells = []
+      for metric in METRICS:
+        mean, std = _mean_std([runs[str(s)][metric] for s in seeds])
+        cells.append(f"{mean:.1f}" + (f" ± {std:.1f}" if len(seeds) > 1 else ""))
+      images = round(60_000 * share)
+      lines.append(f"| {NAMES[objective]} | {share:.0%} ({images:,}) | {' | '.join(cells)} |")
+  base = summary["random_init"]
+  cells = []
+  for metric in METRICS:
+    mean, std = _mean_std([base[str(s)][metric] for s in seeds])
+    cells.append(f"{mean:.1f}" + (f" ± {std:.1f}" if len(seeds) > 1 else ""))
+  lines.append(f"| random init | | {' | '.join(cells)} |")
+  return "\n".join(lines) + "\n"
+
+
+def _plot(summary: dict, path: pathlib.Path) -> None:
+  seeds, shares = summary["seeds"], summary["shares"]
+  fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4.2))
+  for ax, (metric, title) in zip(axes, METRICS.items()):
+    for objective in summary["objectives"]:
+      runs = summary["runs"][objective]
+      stats = [_mean_std([runs[str(s)][str(seed)][metric] for seed in seeds]) for s in shares]
+      ax.errorbar(
+        [100 * s for s in shares],
+        [m for m, _ in stats],
+        yerr=[d for _, d in stats],
+        marker="o",
+        capsize=3,
+        label=NAMES[objective],
+      )
+    mean, _ = _mean_std([summary["random_init"][str(seed)][metric] for seed in seeds])
+    ax.axhline(mean, color="grey", ls="--", label="random init")
+    ax.set(
+      xscale="log",
+      xlabel="% of the 60k training images pre-trained on",
+      ylabel=f"{title} (%)",
+      title=f"{title}, {LABEL_SHARE:.0%} of the labels",
+    )
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument("--out", default="workdirs/figure2", type=pathlib.Path)
+  parser.add_argument("--objectives", default=",".join(OBJECTIVES))
+  parser.add_argument("--shares", default="0.01,0.1,1.0")
+  parser.add_argument("--seeds", default="0,1")
+  parser.add_argument("--steps", type=int, default=300, help="pre-training updates of 256")
+  parser.add_argument("--finetune_steps", type=int, default=150)
+  parser.add_argument("--kmeans_patches", type=int, default=50_000)
+  parser.add_argument("--num_test", type=int, default=10_000, help="test images evaluated")
+  args = parser.parse_args()
+  objectives = args.objectives.split(",")
+  if set(objectives) - set(OBJECTIVES):
+    parser.error(f"--objectives must name some of {OBJECTIVES}, got {args.objectives}")
+  out = args.out if args.out.is_absolute() else ROOT / args.out
+  shares = [float(s) for s in args.shares.split(",")]
+  seeds = [int(s) for s in args.seeds.split(",")]
+  log = {"commands": [], "wall_s": {}}
+  summary = {
+    "objectives": objectives,
+    "shares": shares,
+    "seeds": seeds,
+    "steps": args.steps,
+    "finetune_steps": args.finetune_steps,
+    "runs": {},
+    "random_init": {},
+  }
+  for seed in seeds:
+    knn_random = []
+    for objective in objectives:
+      for share in shares:
+        name = f"{objective}/share{share:g}"
+        pre_dir = out / "pretrain" / name / f"seed{seed}"
+        final = run_stage(
+          f"pretrain/{name}/seed{seed}", _pretrain_flags(objective, share, seed, args), pre_dir, log
+        )
+        knn_random.append(final["knn_top1_random_init"])
+        values = _evaluate(f"{name}", seed, pre_dir, out, log, args)
+        values.update(
+          knn=final["knn_top1"],
+          val_loss=final.get("val_loss"),
+          epochs=args.steps * 256 / round(60_000 * share),
+        )
+        summary["runs"].setdefault(objective, {}).setdefault(str(share), {})[str(seed)] = values
+    # Every pre-training run measures the same random-init encoder's k-NN (its seed's
+    # initialisation, objective by objective): their mean is the baseline's k-NN.
+    base = _evaluate("random_init", seed, None, out, log, args)
+    base["knn"] = float(np.mean(knn_random))
+    summary["random_init"][str(seed)] = base
+  summary["commands"], summary["wall_s"] = log["commands"], log["wall_s"]
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "summary.json").write_text(json.dumps(summary, indent=2))
+  (out / "commands.txt").write_text("\n".join(log["commands"]) + "\n")
+  table = _table(summary)
+  (out / "results.md").write_text(table)
+  _plot(summary, out / "figure2.png")
+  print(table)
+  print(f"Wall time of the stages: {sum(log['wall_s'].values()) / 60:.1f} min")
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  main()
