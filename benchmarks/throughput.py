@@ -1,9 +1,10 @@
 r"""Throughput of the pre-training step: images/s, TFLOP/s and MFU, with a PyTorch peer.
 
 For each model config (`VARIANT@IMAGE_SIZE`, e.g. `B/16@224`) and objective it
-builds the real train step (train_step.make_train_step: AdamW, clipping,
-tokenization, both losses) over all local devices, feeds it one fixed
-synthetic batch (random pixels, masks from the real mask function) and times
+builds the run's real train step (train.build_training and make_train_step: AdamW,
+clipping, the objective's loss and state) over all local devices, feeds it one
+fixed synthetic batch (random pixels, or DINO's crops of them, and masks from the
+real mask function) and times
 steps after compilation. FLOPs per step are XLA's count of the step with the
 blocks unrolled (plan.count_flops: a scanned body would be counted once); the
 peak is a large matmul in the step's compute dtype measured on the same device,
@@ -45,9 +46,9 @@ from jax.sharding import PartitionSpec as P
 
 from splitmask_jax import config_base
 from splitmask_jax import objectives
-from splitmask_jax import optim
 from splitmask_jax import plan
 from splitmask_jax import tokenizers
+from splitmask_jax import train
 from splitmask_jax import train_step as train_step_lib
 from splitmask_jax.data import datasets
 from splitmask_jax.data import input_pipeline
@@ -82,22 +83,34 @@ def make_config(
   config.model.attention = attention
   config.model.remat = remat
   config.tokenizer.vocab_size = vocab_size
-  config.tokenizer.patch_size = max(1, int(variant.split("/")[1]) // 2)
+  patch = int(variant.split("/")[1])
+  config.tokenizer.patch_size = max(1, patch // 2)
+  if objective in ("mae", "simmim"):
+    config.masking.kind = "uniform"  # both papers draw their masks uniformly
+  config.simmim.mask_patch_size = 2 * patch  # SimMIM's 32 px squares on 16 px patches
+  if objective == "dino":
+    # DINO's local crops are 96 px of its 224: the same fraction of the image,
+    # in whole patches.
+    config.dino.local_crop_size = max(patch, round(int(size) * 96 / 224 / patch) * patch)
   config.batch_size = batch_size
   config_base.validate_config(config)
   return config
 
 
-def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
-  """One host batch: uniform random pixels and masks drawn by the run's mask function."""
-  grid = config_base.grid_size(config)
-  mask_fn = objectives.make_mask_fn(config, grid)
-  rng = np.random.default_rng(seed)
-  masks = [mask_fn(rng) for _ in range(config.batch_size)]
-  batch = {k: np.stack([m[k] for m in masks]) for k in masks[0]}
+def synthetic_batch(config, seed: int = 0, parts: train.Training | None = None) -> dict:
+  """One host batch of `config`'s objective: uniform random pixels (or the
+  objective's views of such images) and masks drawn by the run's mask function."""
+  parts = parts or train.build_training(config, 10_000, 100.0)
   size, channels = config.model.image_size, config.model.num_channels
-  batch["image"] = rng.integers(0, 256, (config.batch_size, size, size, channels), dtype=np.uint8)
-  return batch
+  rng = np.random.default_rng(seed)
+  examples = []
+  for _ in range(config.batch_size):
+    image = rng.integers(0, 256, (size, size, channels), dtype=np.uint8)
+    example = {"image": image} if parts.views_fn is None else parts.views_fn(image, rng)
+    if parts.mask_fn is not None:
+      example.update(parts.mask_fn(rng))
+    examples.append(example)
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
 def _timed(run, steps: int, warmup: int, min_seconds: float = 3.0) -> float:
@@ -119,29 +132,22 @@ def jax_step(config, *, steps: int, warmup: int, trace_dir: str | None = None) -
 
   With `trace_dir`, `steps` more steps are traced there afterwards (XLA profiler).
   """
-  grid = config_base.grid_size(config)
-  model = objectives.build_model(config, grid)
-  loss_fn = objectives.build_loss_fn(config, model, grid)
-  schedule = optim.learning_rate_schedule(config.optim, config.batch_size, 10_000, 100.0)
-  optimizer = optim.make_optimizer(config.optim, schedule)
-  codebook = tokenizers.random_projection_codebook(
-    jax.random.PRNGKey(1),
-    config.tokenizer.vocab_size,
-    tokenizers.codebook_dim(config.tokenizer.patch_size, config.model.num_channels),
-  )
   mesh = sharding.make_mesh(config.mesh, jax.local_devices())
-  host_batch = synthetic_batch(config)
+  parts = train.build_training(config, 10_000, 100.0, sharding.platform_of(mesh))
+  codebook = tokenizers.random_projection_codebook(
+    jax.random.PRNGKey(1), *train.codebook_shape(config)
+  )
+  host_batch = synthetic_batch(config, parts=parts)
   state = train_step_lib.init_train_state(
-    model,
-    optimizer,
+    parts.model,
+    parts.optimizer,
     codebook,
-    objectives.example_inputs(config, {k: v[0] for k, v in host_batch.items()}),
+    parts.example_inputs,
     jax.random.PRNGKey(0),
     mesh,
+    parts.step.init_objective_state,
   )
-  step = train_step_lib.make_train_step(
-    objectives.step_loss(loss_fn), optimizer, schedule, config.seed, mesh, state
-  )
+  step = train.make_train_step(config, parts, mesh, state)
   batch = sharding.global_batch(host_batch, mesh)
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()

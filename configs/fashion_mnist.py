@@ -67,25 +67,26 @@ def get_config(arg: str | None = None):
   c.knn.num_test = 5_000
   c.knn.batch_size = 512
 
-  # The pixel baselines at the demo's scale; the learning rate, schedule and crops
-  # stay the demo's, so that every objective runs on the same budget.
+  # The baselines at the demo's scale: their papers' changes to the recipe
+  # (recipes.use_objective_recipe: uniform masks for MAE and SimMIM, MAE's beta2
+  # 0.95, DINO's weight-decay cosine), their own keys scaled down; the learning
+  # rate, schedule and crops stay the demo's, so every objective runs on the same
+  # budget.
+  recipes.use_objective_recipe(c)
   if c.objective == "mae":
     # MAE's uniform masking at its 75%: the encoder sees 4 of the 16 patches. Its
     # decoder shrinks with the encoder, from 8 blocks of width 512 for ViT-L (width
     # 1024) to 2 blocks of width 128 for Mini/8 (width 128), 4 heads of 32 dims as
-    # MAE's 16 of 32; AdamW's beta2 is MAE's 0.95.
-    c.masking.kind = "uniform"
+    # MAE's 16 of 32.
     c.mae.decoder_width = 128
     c.mae.decoder_depth = 2
     c.mae.decoder_num_heads = 4
-    c.optim.b2 = 0.95
     if args.test:  # the tiny test encoder's width and heads, one block
       c.mae.decoder_width, c.mae.decoder_depth, c.mae.decoder_num_heads = 32, 1, 2
   elif c.objective == "simmim":
     # SimMIM's squares are 2x2 ViT patches (32 px on 16 px patches): here 16 px on
     # 8 px patches, a 2x2 grid of squares on the 32 px image, of which ceil(0.6 * 4)
     # = 3 are masked (75% of the patches, where 30 of 49 squares at 224 px are 61%).
-    c.masking.kind = "uniform"
     c.simmim.mask_patch_size = 16
   elif c.objective == "dino":
     # DINO at the demo's scale. Crops: the global ones are the demo's 32 px (a 4x4
@@ -100,7 +101,7 @@ def get_config(arg: str | None = None):
     # the 703 updates). The teacher's momentum starts at 0.99 (0.996): DINO's
     # 125k updates become 703, and an EMA over 1 / (1 - 0.996) = 250 updates would
     # lag a third of the run behind the student. The learning rate and its warmup
-    # stay the demo's; the weight decay is DINO's cosine from 0.04 to 0.4.
+    # stay the demo's.
     c.dino.out_dim = 4096
     c.dino.hidden_dim = 512
     c.dino.bottleneck_dim = 128
@@ -109,8 +110,6 @@ def get_config(arg: str | None = None):
     c.dino.warmup_teacher_temp_epochs = 1.0
     c.dino.freeze_last_layer_epochs = 0.03
     c.dino.momentum_teacher = 0.99
-    c.optim.weight_decay = 0.04
-    c.optim.weight_decay_end = 0.4
 
   if args.test:
     recipes.use_test_settings(c)

@@ -52,6 +52,7 @@ from flax import traverse_util
 from safetensors import numpy as safetensors_numpy
 
 from splitmask_jax import loop
+from splitmask_jax import objectives
 from splitmask_jax.models import vit
 from splitmask_jax.runtime import checkpointing
 from splitmask_jax.runtime import workdir as workdir_lib
@@ -278,7 +279,9 @@ def export(workdir: str, output_dir: str, *, step: int | None = None) -> dict[st
   kwargs = timm_kwargs(
     model["variant"], model["image_size"], model["num_channels"], 0, fc_norm=fc_norm
   )
-  variables, step = checkpointing.load_params(workdir, step)
+  variables, step = checkpointing.load_params(
+    workdir, step, state_key=objectives.evaluated_state_key(config)
+  )
   params = variables["params"]
   if fc_norm and "fc_norm" not in params:
     raise ValueError(

@@ -104,7 +104,8 @@ def check_init_run(config) -> dict | None:
       f"config.init.workdir={init.workdir!r} holds no {loop.CONFIG_FILE}: pass the workdir "
       "of a pre-training run (or None to fine-tune from random init)."
     )
-  saved_model = json.loads(path.read_text())["model"]
+  saved_config = json.loads(path.read_text())
+  saved_model = saved_config["model"]
   for key in _ENCODER_KEYS:
     if saved_model[key] != config.model[key]:
       # Only the image size may change: the encoder's weights fix the rest.
@@ -122,12 +123,16 @@ def check_init_run(config) -> dict | None:
         f"{saved_model[key]!r}: set config.model.{key}={saved_model[key]!r}.{hint}"
       )
   best = init.checkpoint == "best"
-  variables, step = checkpointing.load_params(init.workdir, init.step, best=best)
+  state_key = objectives.evaluated_state_key(saved_config)
+  variables, step = checkpointing.load_params(
+    init.workdir, init.step, best=best, state_key=state_key
+  )
   logging.info(
-    "Initialising the encoder from %s, step %d%s",
+    "Initialising the encoder from %s, step %d%s%s",
     init.workdir,
     step,
     " (its lowest held-out loss)" if best else "",
+    f" (its {state_key})" if state_key else "",
   )
   return variables
 

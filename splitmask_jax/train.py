@@ -495,7 +495,14 @@ def _pretrain(config, workdir: str, mesh, local_batch: int, allow_config_change:
         lambda k: model.init({"params": k, "dropout": k}, *parts.example_inputs, train=False)
       )(init_key)
       accuracy = knn_evaluation(
-        config, model, {"pretrained": state.params, "random": random_params}, mesh, info.num_classes
+        config,
+        model,
+        {
+          "pretrained": objectives.evaluated_params(config, state.params, state.objective_state),
+          "random": random_params,
+        },
+        mesh,
+        info.num_classes,
       )
       values = {"knn_top1": accuracy["pretrained"], "knn_top1_random_init": accuracy["random"]}
       log.write(total_steps, values)

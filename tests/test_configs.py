@@ -30,13 +30,20 @@ CLASSIFICATION = [name for name in PAPER_CONFIGS if recipes.DATASETS[name].finet
 def _variants(path):
   if path.stem.startswith("fashion_mnist"):
     module_variants = (
-      ("beit", "test") if path.stem == "fashion_mnist" else ("probe", "share=0.1", "test")
+      ("beit", "mae", "simmim", "dino", "test", "dino,test")
+      if path.stem == "fashion_mnist"
+      else ("probe", "share=0.1", "test")
     )
     return [None, *module_variants]
   return [
     None,
     "beit",
+    "mae",
+    "simmim",
+    "dino",
     "small_data",
+    "dino,small_data",
+    "mae,small_data",
     "share=0.1",
     "test",
     "finetune",
@@ -75,6 +82,20 @@ def test_unknown_variant_names_the_allowed_ones():
   config = recipes.get_config("imagenet", "share=2")
   with pytest.raises(ValueError, match=r"data\.train_fraction=2\.0"):
     config_base.validate_config(config)
+
+
+def test_baselines_take_their_papers_changes_to_the_recipe():
+  mae = helpers.load_config("mae", helpers.ROOT / "configs" / "stanford_cars.py")
+  assert (mae.objective, mae.masking.kind, mae.optim.b2) == ("mae", "uniform", 0.95)
+  assert mae.augment.solarize_prob == 0.2  # the small sets' augmentations, as SplitMask's
+  simmim = helpers.load_config("simmim", helpers.ROOT / "configs" / "imagenet.py")
+  assert (simmim.masking.kind, simmim.simmim.mask_patch_size) == ("uniform", 32)
+  dino = helpers.load_config("dino,small_data", helpers.ROOT / "configs" / "stanford_cars.py")
+  assert (dino.optim.weight_decay, dino.optim.weight_decay_end) == (0.04, 0.4)
+  # DINO's views carry its own photometric augmentations.
+  assert dino.augment.solarize_prob == 0 and dino.augment.blur_prob == 0
+  with pytest.raises(ValueError, match="'dino'.* are pre-training options"):
+    helpers.load_config("dino,finetune", helpers.ROOT / "configs" / "imagenet.py")
 
 
 @pytest.mark.parametrize("name", PAPER_CONFIGS)

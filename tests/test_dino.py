@@ -407,7 +407,8 @@ def test_resumed_run_ends_like_an_unbroken_one(dino_run, fake_fashion_mnist, tmp
   assert steps == [2, 4]  # step 4 logged again, once
 
 
-def test_finetuning_loads_the_student_encoder(dino_run):
+def test_finetuning_loads_the_teacher_encoder(dino_run):
+  """DINO is judged by its EMA teacher: fine-tuning (and probing) start from it."""
   workdir, data_dir, _ = dino_run
   config = load_config("test", FINETUNE_CONFIG_FILE)
   config.init.workdir = str(workdir)
@@ -426,21 +427,32 @@ def test_finetuning_loads_the_student_encoder(dino_run):
   student = saved["params"]["params"]["encoder"]
   teacher = saved["objective_state"]["teacher"]["params"]["encoder"]
   encoder = jax.device_get(state.params["params"]["encoder"])
-  jax.tree.map(np.testing.assert_array_equal, encoder, student)
+  jax.tree.map(np.testing.assert_array_equal, encoder, teacher)
   assert not np.array_equal(
-    encoder["block_0"]["fc1"]["kernel"], teacher["block_0"]["fc1"]["kernel"]
+    encoder["block_0"]["fc1"]["kernel"], student["block_0"]["fc1"]["kernel"]
   )
 
 
-def test_export_writes_the_student_encoder(dino_run, tmp_path):
+def test_export_writes_the_teacher_encoder(dino_run, tmp_path):
   workdir, *_ = dino_run
   paths = export.export(str(workdir), str(tmp_path / "timm"))
   weights = safetensors_numpy.load_file(paths["weights"])
-  saved, _ = checkpointing.load_arrays(str(workdir), ("params",))
+  saved, _ = checkpointing.load_arrays(str(workdir), ("objective_state",))
+  teacher = saved["objective_state"]["teacher"]["params"]["encoder"]
+  np.testing.assert_array_equal(weights["pos_embed"], teacher["pos_embedding"])
   np.testing.assert_array_equal(
-    weights["pos_embed"], saved["params"]["params"]["encoder"]["pos_embedding"]
+    weights["blocks.0.mlp.fc1.weight"], teacher["block_0"]["fc1"]["kernel"].T
   )
   assert not any(name.startswith("head") for name in weights)
+
+
+def test_knn_and_downstream_runs_read_the_teacher():
+  params, state = {"params": {"w": 1}}, {"teacher": {"params": {"w": 2}}, "centre": 0}
+  dino = ml_collections.ConfigDict({"task": "pretrain", "objective": "dino"})
+  assert objectives.evaluated_params(dino, params, state) is state["teacher"]
+  assert objectives.evaluated_state_key({"objective": "dino"}) == "teacher"  # older config.json
+  for other in ({"task": "pretrain", "objective": "splitmask"}, {"task": "finetune"}):
+    assert objectives.evaluated_params(other, params, None) is params
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,8 @@ token accuracy) and `pixels` (pixel targets and losses). An objective module
 provides `MODEL_INPUTS` (the keys of its masks that the model reads),
 `DEFAULT_MASK_RATIO` (its paper's ratio, used when `config.masking.ratio` is None),
 `USES_TOKENIZER` (whether its targets are visual words of the run's codebook),
-`build_model`, `build_loss_fn` and `make_mask_fn`; adding one is a new module and one
+`build_model`, `build_loss_fn` and `make_mask_fn` (and `EVALUATED_STATE_KEY` when
+its run is judged by other variables than the trained ones); adding one is a new module and one
 entry in `OBJECTIVES`. The functions below dispatch on `config.objective`.
 
 An objective that needs more than a loss of the codebook (`dino`: an EMA teacher and
@@ -78,6 +79,26 @@ def mask_ratio(config) -> float | None:
   if config.masking.ratio is not None:
     return config.masking.ratio
   return get(config.objective).DEFAULT_MASK_RATIO
+
+
+def evaluated_state_key(config) -> str | None:
+  """The key of `TrainState.objective_state` holding the variables a pre-training run
+  is evaluated with (k-NN, probes, fine-tuning, export): DINO's 'teacher'; None for
+  the trained parameters themselves (every other objective, any downstream run).
+
+  Args:
+    config: the run's config, a ConfigDict or its saved config.json as a dict.
+  """
+  if config.get("task", "pretrain") != "pretrain":
+    return None
+  return getattr(get(config.get("objective", "splitmask")), "EVALUATED_STATE_KEY", None)
+
+
+def evaluated_params(config, params, objective_state):
+  """The variables a run is evaluated with (see `evaluated_state_key`), from its
+  TrainState's `params` and `objective_state`."""
+  key = evaluated_state_key(config)
+  return params if key is None else objective_state[key]
 
 
 def build_model(config, grid: tuple[int, int], platform: str | None = None):

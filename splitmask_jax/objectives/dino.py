@@ -50,6 +50,10 @@ MODEL_INPUTS = ()
 DEFAULT_MASK_RATIO = None
 # No visual words: the run builds no codebook.
 USES_TOKENIZER = False
+# The objective state's key of the variables a run is judged and used by: DINO
+# evaluates, fine-tunes and releases its EMA teacher, which is better than the
+# student throughout training (DINO, section 5.1 and Fig. 6).
+EVALUATED_STATE_KEY = "teacher"
 
 # The batch keys of the views: uint8 [B, 2, S, S, C] and [B, L, s, s, C].
 GLOBAL, LOCAL = "global", "local"

@@ -397,8 +397,14 @@ def _on_every_process(flag: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.asarray(flag))))
 
 
-def load_params(workdir: str, step: int | None = None, *, best: bool = False) -> tuple[dict, int]:
+def load_params(
+  workdir: str, step: int | None = None, *, best: bool = False, state_key: str | None = None
+) -> tuple[dict, int]:
   """The flax variables `{'params': ...}` of a run's checkpoint (see `load_arrays`)
-  and the step they were saved at."""
-  arrays, step = load_arrays(workdir, ("params",), step, best=best)
-  return arrays["params"], step
+  and the step they were saved at: the trained parameters, or with `state_key` the
+  variables under that key of the saved objective state (DINO's 'teacher')."""
+  if state_key is None:
+    arrays, step = load_arrays(workdir, ("params",), step, best=best)
+    return arrays["params"], step
+  arrays, step = load_arrays(workdir, ("objective_state",), step, best=best)
+  return arrays["objective_state"][state_key], step
