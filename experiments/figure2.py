@@ -18,8 +18,12 @@ beside a random-init encoder judged the same way. Top-1 on the 10k test images.
   python experiments/figure2.py --out=workdirs/figure2 --objectives=dino,splitmask --seeds=0
 
 Every stage is a run of the entry point, resumed when interrupted (see
-experiments/fashion_mnist_finetune.py). Writes <out>/summary.json, <out>/results.md and
-<out>/figure2.png.
+experiments/fashion_mnist_finetune.py). Each finished cell (an objective, share and
+seed: pre-training, k-NN, probe and fine-tuning) is added to `--record`
+(experiments/figure2_record.json, kept with the code) at once, and a later invocation
+skips the cells found there, so the study can be run a few cells at a time, on
+several machines, and the workdirs deleted in between. The table and the plot cover
+every cell of the record: experiments/figure2.md and experiments/figures/figure2.png.
 """
 
 from __future__ import annotations
@@ -180,11 +184,65 @@ def _plot(summary: dict, path: pathlib.Path) -> None:
   fig.savefig(path, dpi=110)
 
 
+# What a record's cells must share to be compared.
+PROTOCOL_KEYS = ("steps", "finetune_steps", "kmeans_patches", "num_test")
+
+
+def _load_record(path: pathlib.Path, args) -> dict:
+  """The record at `path` (a new one if absent); fails if it was made with another
+  protocol than `args`'."""
+  protocol = {k: getattr(args, k) for k in PROTOCOL_KEYS}
+  if not path.exists():
+    return {"protocol": protocol, "runs": {}, "random_init": {}, "commands": [], "wall_s": {}}
+  record = json.loads(path.read_text())
+  if record["protocol"] != protocol:
+    raise SystemExit(
+      f"{path} holds cells of another protocol ({record['protocol']}, these flags give "
+      f"{protocol}): pass the same flags, or another --record."
+    )
+  return record
+
+
+def _save_record(record: dict, path: pathlib.Path, log: dict) -> None:
+  record["commands"] = sorted(set(record["commands"]) | set(log["commands"]))
+  record["wall_s"].update(log["wall_s"])
+  path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def _summary(record: dict) -> dict:
+  """The record's cells as `_table` and `_plot` read them: the objectives, shares and
+  seeds of which every cell is recorded, in the usual order."""
+  runs = record["runs"]
+  seeds = sorted(int(s) for s in record["random_init"])
+  objectives = [o for o in OBJECTIVES if o in runs and seeds]
+  shares = sorted({float(share) for o in objectives for share in runs[o]})
+  complete = lambda o, share: all(str(s) in runs[o].get(str(share), {}) for s in seeds)  # noqa: E731
+  objectives = [o for o in objectives if all(complete(o, share) for share in shares)]
+  random_init = dict(record["random_init"])
+  for seed in seeds:
+    # Every pre-training run measures the same random-init encoder's k-NN (its seed's
+    # initialisation): their mean is the baseline's k-NN.
+    knn = [
+      runs[o][str(share)][str(seed)]["knn_random_init"] for o in objectives for share in shares
+    ]
+    random_init[str(seed)] = dict(random_init[str(seed)], knn=float(np.mean(knn)))
+  return {
+    "objectives": objectives,
+    "shares": shares,
+    "seeds": seeds,
+    "runs": runs,
+    "random_init": random_init,
+  }
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   parser.add_argument("--out", default="workdirs/figure2", type=pathlib.Path)
+  parser.add_argument(
+    "--record", default=ROOT / "experiments" / "figure2_record.json", type=pathlib.Path
+  )
   parser.add_argument("--objectives", default=",".join(OBJECTIVES))
   parser.add_argument("--shares", default="0.01,0.1,1.0")
   parser.add_argument("--seeds", default="0,1")
@@ -199,47 +257,42 @@ def main() -> None:
   out = args.out if args.out.is_absolute() else ROOT / args.out
   shares = [float(s) for s in args.shares.split(",")]
   seeds = [int(s) for s in args.seeds.split(",")]
+  record = _load_record(args.record, args)
   log = {"commands": [], "wall_s": {}}
-  summary = {
-    "objectives": objectives,
-    "shares": shares,
-    "seeds": seeds,
-    "steps": args.steps,
-    "finetune_steps": args.finetune_steps,
-    "runs": {},
-    "random_init": {},
-  }
   for seed in seeds:
-    knn_random = []
     for objective in objectives:
       for share in shares:
+        cells = record["runs"].setdefault(objective, {}).setdefault(str(share), {})
+        if str(seed) in cells:
+          continue
         name = f"{objective}/share{share:g}"
         pre_dir = out / "pretrain" / name / f"seed{seed}"
         final = run_stage(
           f"pretrain/{name}/seed{seed}", _pretrain_flags(objective, share, seed, args), pre_dir, log
         )
-        knn_random.append(final["knn_top1_random_init"])
         values = _evaluate(f"{name}", seed, pre_dir, out, log, args)
         values.update(
           knn=final["knn_top1"],
+          knn_random_init=final["knn_top1_random_init"],
           val_loss=final.get("val_loss"),
           epochs=args.steps * 256 / round(60_000 * share),
         )
-        summary["runs"].setdefault(objective, {}).setdefault(str(share), {})[str(seed)] = values
-    # Every pre-training run measures the same random-init encoder's k-NN (its seed's
-    # initialisation, objective by objective): their mean is the baseline's k-NN.
-    base = _evaluate("random_init", seed, None, out, log, args)
-    base["knn"] = float(np.mean(knn_random))
-    summary["random_init"][str(seed)] = base
-  summary["commands"], summary["wall_s"] = log["commands"], log["wall_s"]
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "summary.json").write_text(json.dumps(summary, indent=2))
-  (out / "commands.txt").write_text("\n".join(log["commands"]) + "\n")
+        cells[str(seed)] = values
+        _save_record(record, args.record, log)
+    if str(seed) not in record["random_init"]:
+      record["random_init"][str(seed)] = _evaluate("random_init", seed, None, out, log, args)
+      _save_record(record, args.record, log)
+  summary = _summary(record)
+  if not summary["objectives"]:
+    print(f"{args.record}: no objective has all its cells yet.")
+    return
   table = _table(summary)
-  (out / "results.md").write_text(table)
-  _plot(summary, out / "figure2.png")
+  (ROOT / "experiments" / "figure2.md").write_text(table)
+  figures = ROOT / "experiments" / "figures"
+  figures.mkdir(exist_ok=True)
+  _plot(summary, figures / "figure2.png")
   print(table)
-  print(f"Wall time of the stages: {sum(log['wall_s'].values()) / 60:.1f} min")
+  print(f"Wall time of the stages run now: {sum(log['wall_s'].values()) / 60:.1f} min")
   sys.stdout.flush()
 
 

@@ -7,8 +7,8 @@ provides `MODEL_INPUTS` (the keys of its masks that the model reads),
 `DEFAULT_MASK_RATIO` (its paper's ratio, used when `config.masking.ratio` is None),
 `USES_TOKENIZER` (whether its targets are visual words of the run's codebook),
 `build_model`, `build_loss_fn` and `make_mask_fn` (and `EVALUATED_STATE_KEY` when
-its run is judged by other variables than the trained ones); adding one is a new module and one
-entry in `OBJECTIVES`. The functions below dispatch on `config.objective`.
+its run is judged by other variables than the trained ones); adding one is a new
+module and one entry in `OBJECTIVES`. The functions below dispatch on `config.objective`.
 
 An objective that needs more than a loss of the codebook (`dino`: an EMA teacher and
 a centre carried from step to step, schedules over the run, several views of each
