@@ -20,10 +20,11 @@ beside a random-init encoder judged the same way. Top-1 on the 10k test images.
 Every stage is a run of the entry point, resumed when interrupted (see
 experiments/fashion_mnist_finetune.py). Each finished cell (an objective, share and
 seed: pre-training, k-NN, probe and fine-tuning) is added to `--record`
-(experiments/figure2_record.json, kept with the code) at once, and a later invocation
-skips the cells found there, so the study can be run a few cells at a time, on
-several machines, and the workdirs deleted in between. The table and the plot cover
-every cell of the record: experiments/figure2.md and experiments/figures/figure2.png.
+(experiments/figure2.json, kept with the code) at once, and a later invocation skips
+the cells found there, so the study can be run a few cells at a time, on several
+machines, and the workdirs deleted in between. The table and the plot cover the
+objectives whose cells are all recorded: beside the record (experiments/figure2.md)
+and in figures/ beside it (experiments/figures/figure2.png).
 """
 
 from __future__ import annotations
@@ -240,9 +241,7 @@ def main() -> None:
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   parser.add_argument("--out", default="workdirs/figure2", type=pathlib.Path)
-  parser.add_argument(
-    "--record", default=ROOT / "experiments" / "figure2_record.json", type=pathlib.Path
-  )
+  parser.add_argument("--record", default=ROOT / "experiments" / "figure2.json", type=pathlib.Path)
   parser.add_argument("--objectives", default=",".join(OBJECTIVES))
   parser.add_argument("--shares", default="0.01,0.1,1.0")
   parser.add_argument("--seeds", default="0,1")
@@ -287,10 +286,10 @@ def main() -> None:
     print(f"{args.record}: no objective has all its cells yet.")
     return
   table = _table(summary)
-  (ROOT / "experiments" / "figure2.md").write_text(table)
-  figures = ROOT / "experiments" / "figures"
+  args.record.with_suffix(".md").write_text(table)
+  figures = args.record.parent / "figures"
   figures.mkdir(exist_ok=True)
-  _plot(summary, figures / "figure2.png")
+  _plot(summary, figures / f"{args.record.stem}.png")
   print(table)
   print(f"Wall time of the stages run now: {sum(log['wall_s'].values()) / 60:.1f} min")
   sys.stdout.flush()

@@ -95,7 +95,9 @@ def main() -> None:
     log,
   )
   tuned = {}
-  for checkpoint in ("best", "latest"):
+  # When the lowest held-out loss is the last one, both are the same weights.
+  kept = ("latest",) if final["best_step"] == args.steps else ("best", "latest")
+  for checkpoint in kept:
     tuned[checkpoint] = run_stage(
       f"finetune/{checkpoint}",
       [
@@ -109,6 +111,7 @@ def main() -> None:
       out / "finetune" / checkpoint,
       log,
     )["test_top1"]
+  tuned.setdefault("best", tuned["latest"])
   curves = _curves(pre_dir)
   summary = {
     "variant": args.variant,
