@@ -70,6 +70,11 @@ def main() -> None:
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--evals", type=int, default=20, help="held-out evaluations in the run")
   parser.add_argument("--finetune_steps", type=int, default=150)
+  parser.add_argument(
+    "--crop_scale",
+    default="0.67,1.0",
+    help="min,max area of the random resized crops: SimMIM's, the data-scaling paper's own",
+  )
   args = parser.parse_args()
   out = args.out if args.out.is_absolute() else ROOT / args.out
   log = {"commands": [], "wall_s": {}}
@@ -83,6 +88,7 @@ def main() -> None:
       f"--config.model.variant={args.variant}",
       f"--config.data.train_fraction={args.share}",
       f"--config.batch_size={args.batch_size}",
+      f"--config.data.crop_scale=({args.crop_scale})",
       f"--config.num_steps={args.steps}",
       f"--config.eval_every={every}",
       f"--config.checkpoint_every={args.steps}",
@@ -116,6 +122,7 @@ def main() -> None:
   summary = {
     "variant": args.variant,
     "images": images,
+    "crop_scale": args.crop_scale,
     "steps": args.steps,
     "epochs": args.steps * args.batch_size / images,
     "best_step": final["best_step"],
