@@ -25,6 +25,28 @@ Dtype = Any
 _trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 
 
+def _encoder(model: nn.Module, **options) -> Encoder:
+  """The encoder of a pre-training model, from the fields every one of them has
+  (width, depth, num_heads, mlp_dim, patch_size, grid, drop_path_rate, scan, dtype,
+  param_dtype, remat, attention); `options`: the Encoder options of its own
+  (use_mask_token, any_grid)."""
+  return Encoder(
+    width=model.width,
+    depth=model.depth,
+    num_heads=model.num_heads,
+    mlp_dim=model.mlp_dim,
+    patch_size=model.patch_size,
+    grid=model.grid,
+    drop_path_rate=model.drop_path_rate,
+    scan=model.scan,
+    dtype=model.dtype,
+    param_dtype=model.param_dtype,
+    remat=model.remat,
+    attention=model.attention,
+    **options,
+  )
+
+
 class SplitMaskModel(nn.Module):
   """SplitMask: a shared encoder sees each branch's observed patches only, a shallow
   decoder inpaints the rest of the image for each branch, and each branch's decoder
@@ -87,17 +109,7 @@ class SplitMaskModel(nn.Module):
     )
     if self.projector not in self.PROJECTORS:
       raise ValueError(f"projector must be one of {self.PROJECTORS}, got {self.projector!r}")
-    self.encoder = Encoder(
-      width=self.width,
-      depth=self.depth,
-      num_heads=self.num_heads,
-      mlp_dim=self.mlp_dim,
-      patch_size=self.patch_size,
-      grid=self.grid,
-      drop_path_rate=self.drop_path_rate,
-      scan=self.scan,
-      **kw,
-    )
+    self.encoder = _encoder(self)
     self.decoder = Decoder(
       width=self.decoder_width or self.width,
       num_heads=self.decoder_num_heads or self.num_heads,
@@ -214,21 +226,7 @@ class BEiTModel(nn.Module):
   attention: str | None = None
 
   def setup(self):
-    self.encoder = Encoder(
-      width=self.width,
-      depth=self.depth,
-      num_heads=self.num_heads,
-      mlp_dim=self.mlp_dim,
-      patch_size=self.patch_size,
-      grid=self.grid,
-      drop_path_rate=self.drop_path_rate,
-      use_mask_token=True,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      remat=self.remat,
-      scan=self.scan,
-      attention=self.attention,
-    )
+    self.encoder = _encoder(self, use_mask_token=True)
     self.head = logits_dense(
       self.vocab_size, kernel_init=_trunc_normal, dtype=self.dtype, param_dtype=self.param_dtype
     )
@@ -297,17 +295,7 @@ class MAEModel(nn.Module):
     kw = dict(
       dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat, attention=self.attention
     )
-    self.encoder = Encoder(
-      width=self.width,
-      depth=self.depth,
-      num_heads=self.num_heads,
-      mlp_dim=self.mlp_dim,
-      patch_size=self.patch_size,
-      grid=self.grid,
-      drop_path_rate=self.drop_path_rate,
-      scan=self.scan,
-      **kw,
-    )
+    self.encoder = _encoder(self)
     self.decoder = Decoder(
       width=self.decoder_width,
       num_heads=self.decoder_num_heads,
@@ -373,21 +361,7 @@ class SimMIMModel(nn.Module):
   attention: str | None = None
 
   def setup(self):
-    self.encoder = Encoder(
-      width=self.width,
-      depth=self.depth,
-      num_heads=self.num_heads,
-      mlp_dim=self.mlp_dim,
-      patch_size=self.patch_size,
-      grid=self.grid,
-      drop_path_rate=self.drop_path_rate,
-      use_mask_token=True,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      remat=self.remat,
-      scan=self.scan,
-      attention=self.attention,
-    )
+    self.encoder = _encoder(self, use_mask_token=True)
     # Float32 outputs whatever the compute dtype: the regression target is float32.
     self.head = logits_dense(
       self.patch_size**2 * self.num_channels,
@@ -519,20 +493,7 @@ class DINOModel(nn.Module):
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.encoder = Encoder(
-      width=self.width,
-      depth=self.depth,
-      num_heads=self.num_heads,
-      mlp_dim=self.mlp_dim,
-      patch_size=self.patch_size,
-      grid=self.grid,
-      drop_path_rate=self.drop_path_rate,
-      remat=self.remat,
-      scan=self.scan,
-      attention=self.attention,
-      any_grid=True,
-      **kw,
-    )
+    self.encoder = _encoder(self, any_grid=True)
     self.head = DINOHead(
       out_dim=self.out_dim,
       hidden_dim=self.hidden_dim,
