@@ -95,20 +95,21 @@ def get_config(arg: str | None = None):
     # update within a few times the SplitMask demo's cost. The head shrinks with the
     # encoder (width 128, a third of ViT-S's 384): hidden 512 and bottleneck 128
     # (DINO's 2048 and 256), K = 4096 outputs (65,536), whose last layer would
-    # otherwise hold 8M of the model's 10M parameters. Schedules in epochs scale
-    # with the run, 3 epochs for DINO's 100: the teacher temperature warms from 0.04
-    # to 0.07 over 1 epoch (30), the last layer is held for 0.03 epochs (1; 7 of
-    # the 703 updates). The teacher's momentum starts at 0.99 (0.996): DINO's
-    # 125k updates become 703, and an EMA over 1 / (1 - 0.996) = 250 updates would
-    # lag a third of the run behind the student. The learning rate and its warmup
-    # stay the demo's.
+    # otherwise hold 8M of the model's 10M parameters. DINO's schedules in epochs
+    # become shares of the run, its 100 epochs for the demo's 3 (and they keep their
+    # share when a share of the images changes the epochs): the teacher temperature
+    # warms from 0.04 to 0.07 over the first 30% of the updates (30 epochs), the
+    # last layer is held for the first 1% (1 epoch; 7 of the 703 updates). The
+    # teacher's momentum starts at 0.99 (0.996): DINO's 125k updates become 703, and
+    # an EMA over 1 / (1 - 0.996) = 250 updates would lag a third of the run behind
+    # the student. The learning rate and its warmup stay the demo's.
     c.dino.out_dim = 4096
     c.dino.hidden_dim = 512
     c.dino.bottleneck_dim = 128
     c.dino.num_local_crops = 4
     c.dino.local_crop_size = 16
-    c.dino.warmup_teacher_temp_epochs = 1.0
-    c.dino.freeze_last_layer_epochs = 0.03
+    c.dino.warmup_teacher_temp_fraction = 0.3
+    c.dino.freeze_last_layer_fraction = 0.01
     c.dino.momentum_teacher = 0.99
 
   if args.test:

@@ -4,8 +4,9 @@ pre-training data shrinks?
 On Fashion-MNIST, every objective (DINO, BEiT, SplitMask, MAE, SimMIM) is pre-trained
 on 1%, 10% and 100% of the 60k training images (class-balanced, the same subset for
 every objective and seed) with the same number of updates, so a smaller share is seen
-for more epochs: the paper's constant-updates protocol. Each encoder is then judged
-with the labels of a class-balanced 10% of the training images (6,000):
+for more epochs: the paper's constant-updates protocol (DINO's schedules are shares of
+the updates in configs/fashion_mnist.py, the same at every share). Each encoder is
+then judged with the labels of a class-balanced 10% of the training images (6,000):
 
 - k-NN top-1 of the pooled features of the last block (20 neighbours),
 - a linear probe of every block's pooled features (the last block's and the best),
@@ -62,6 +63,7 @@ METRICS = {
   "probe_best": "linear probe, best block",
   "finetune": "fine-tuned top-1",
 }
+BATCH_SIZE = 256  # configs/fashion_mnist.py's
 
 
 def _pretrain_flags(objective: str, share: float, seed: int, args) -> list[str]:
@@ -274,7 +276,7 @@ def main() -> None:
           knn=final["knn_top1"],
           knn_random_init=final["knn_top1_random_init"],
           val_loss=final.get("val_loss"),
-          epochs=args.steps * 256 / round(60_000 * share),
+          epochs=args.steps * BATCH_SIZE / round(60_000 * share),
         )
         cells[str(seed)] = values
         _save_record(record, args.record, log)

@@ -140,12 +140,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.dino.warmup_teacher_temp = 0.04
   c.dino.teacher_temp = 0.07
   c.dino.warmup_teacher_temp_epochs = 30.0
+  # The two epoch lengths (this one and freeze_last_layer_epochs) as shares of the
+  # run's updates instead, when set: as optim.warmup_fraction, they keep their share
+  # of the run when a constant-updates schedule adapts its epochs to a data share.
+  c.dino.warmup_teacher_temp_fraction = ml_collections.FieldReference(None, field_type=float)
   # The teacher's EMA momentum, a cosine from momentum_teacher to 1 over the run,
   # and the momentum of the centre of its outputs.
   c.dino.momentum_teacher = 0.996
   c.dino.centre_momentum = 0.9
   # The head's last layer is held still (no gradient, no update) this long.
   c.dino.freeze_last_layer_epochs = 1.0
+  c.dino.freeze_last_layer_fraction = ml_collections.FieldReference(None, field_type=float)
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "imagenet2012"
@@ -626,6 +631,9 @@ def _check_dino(config) -> None:
   for key in ("warmup_teacher_temp_epochs", "freeze_last_layer_epochs"):
     if not d[key] >= 0:
       _fail(f"dino.{key}", d[key], "it must be >= 0 (0: none)")
+  for key in ("warmup_teacher_temp_fraction", "freeze_last_layer_fraction"):
+    if d[key] is not None and not 0 <= d[key] <= 1:
+      _fail(f"dino.{key}", d[key], "it must lie in [0, 1] (or None: the epochs key)")
   if not 0 <= d.momentum_teacher <= 1:
     _fail("dino.momentum_teacher", d.momentum_teacher, "it must lie in [0, 1]")
   if not 0 <= d.centre_momentum < 1:

@@ -36,6 +36,18 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
+def schedule_steps(
+  epochs: float, fraction: float | None, *, total_steps: int, steps_per_epoch: float
+) -> int:
+  """The updates of a phase of a schedule (a warmup, a freeze): `fraction` of the
+  run's `total_steps` when it is set, else `epochs` epochs. A fraction keeps the
+  phase's share of the run when a constant-updates protocol changes the epoch (a
+  share of the data); epochs follow the data."""
+  if fraction is not None:
+    return int(round(fraction * total_steps))
+  return int(round(epochs * steps_per_epoch))
+
+
 def learning_rate_schedule(
   optim_config, batch_size: int, total_steps: int, steps_per_epoch: float
 ) -> optax.Schedule:
@@ -46,10 +58,12 @@ def learning_rate_schedule(
   `warmup_epochs` epochs.
   """
   peak = optim_config.base_lr * batch_size / optim_config.base_batch_size
-  if optim_config.warmup_fraction is not None:
-    warmup = int(round(optim_config.warmup_fraction * total_steps))
-  else:
-    warmup = int(round(optim_config.warmup_epochs * steps_per_epoch))
+  warmup = schedule_steps(
+    optim_config.warmup_epochs,
+    optim_config.warmup_fraction,
+    total_steps=total_steps,
+    steps_per_epoch=steps_per_epoch,
+  )
   warmup = min(warmup, max(total_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
     init_value=0.0,

@@ -15,7 +15,8 @@ constant-updates protocol), stated as `num_examples`: Table 3's epochs times the
 training-set size, so that a share of a dataset keeps the number of updates and
 trains for more epochs, capped at 5,000 epochs for the small classification sets
 (`max_epochs`). The warmup is the same share of the run as BEiT's 10 of 300
-epochs. The smallest sets (Cars, DomainNet) use the small-data recipe: uniform
+epochs, DINO's teacher-temperature warmup and frozen last layer the share of 30 and
+1 of 300 epochs. The smallest sets (Cars, DomainNet) use the small-data recipe: uniform
 75% masking, random greyscale, solarization, Gaussian blur and colour jitter.
 ADE20k crops at most 25% of an image.
 
@@ -45,6 +46,10 @@ REFERENCE_EXAMPLES = 300 * IMAGENET_TRAIN_SIZE
 SMALL_SET_MAX_EPOCHS = 5000.0
 # BEiT's warmup, 10 of 300 epochs, as a share of the run.
 WARMUP_FRACTION = 10 / 300
+# DINO's teacher-temperature warmup (30 epochs) and frozen last layer (1 epoch), in
+# ImageNet epochs of the 300, as shares of the run.
+DINO_TEACHER_WARMUP_FRACTION = 30 / 300
+DINO_FREEZE_FRACTION = 1 / 300
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,6 +252,8 @@ def pretrain_config(
   )
   c.max_epochs = dataset.max_epochs
   c.optim.warmup_fraction = WARMUP_FRACTION
+  c.dino.warmup_teacher_temp_fraction = DINO_TEACHER_WARMUP_FRACTION
+  c.dino.freeze_last_layer_fraction = DINO_FREEZE_FRACTION
   use_objective_recipe(c)
   if dataset.small_data_recipe:
     use_small_data_recipe(c)

@@ -19,6 +19,7 @@ from splitmask_jax import main
 from splitmask_jax import optim
 from splitmask_jax import recipes
 from splitmask_jax.data import datasets
+from splitmask_jax.objectives import dino
 
 import helpers
 
@@ -129,6 +130,13 @@ def test_a_share_keeps_the_updates_and_the_cap_stops_them():
     peak = config.optim.base_lr * config.batch_size / config.optim.base_batch_size
     assert float(schedule(warmup)) == pytest.approx(peak, rel=1e-5)
     assert float(schedule(warmup // 2)) == pytest.approx(peak / 2, rel=1e-3)
+    # So does DINO's teacher-temperature warmup (30 of 300 epochs, 0.04 -> 0.07).
+    dino_config = recipes.get_config("imagenet", f"dino,share={share}")
+    temperature = dino.teacher_temperature(
+      dino_config, total_steps=steps, steps_per_epoch=per_epoch
+    )
+    assert float(temperature(round(steps / 20))) == pytest.approx(0.055, rel=1e-3)
+    assert float(temperature(round(steps / 10))) == pytest.approx(0.07)
   cars = recipes.get_config("stanford_cars", "share=0.5")
   steps, per_epoch = loop.num_steps(cars, 4072)
   assert steps == math.ceil(5000 * per_epoch)

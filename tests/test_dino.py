@@ -141,9 +141,10 @@ def test_step_loss_compares_every_teacher_crop_with_the_other_crops(steps):
     axis=1,
   )
   teacher = steps.heads(first.objective_state["teacher"], batch["global"])
-  # The temperature warms from 0.04 to 0.07 over 1 epoch of 5 steps: 0.046 at step 1.
-  assert float(dino.teacher_temperature(steps.config, 5.0)(1)) == pytest.approx(0.046)
-  expected = _reference_loss(student, teacher, first.objective_state["centre"], 0.1, 0.046)
+  # The temperature warms from 0.04 to 0.07 over 30% of the 10 steps: 0.05 at step 1.
+  temperature = dino.teacher_temperature(steps.config, total_steps=10, steps_per_epoch=5.0)
+  assert float(temperature(1)) == pytest.approx(0.05)
+  expected = _reference_loss(student, teacher, first.objective_state["centre"], 0.1, 0.05)
   np.testing.assert_allclose(steps.run.losses[1], expected, rtol=1e-4)
 
 
@@ -199,9 +200,20 @@ def test_teacher_and_centre_updates_by_hand():
 
 
 def test_schedules():
-  config = _config(**{"dino.warmup_teacher_temp_epochs": 3.0})
-  temp = dino.teacher_temperature(config, steps_per_epoch=10)
+  config = _config(
+    **{
+      "dino.warmup_teacher_temp_epochs": 3.0,
+      "dino.warmup_teacher_temp_fraction": None,
+      "dino.freeze_last_layer_fraction": None,
+    }
+  )
+  temp = dino.teacher_temperature(config, total_steps=100, steps_per_epoch=10)
   np.testing.assert_allclose([temp(s) for s in (0, 15, 30, 50)], [0.04, 0.055, 0.07, 0.07])
+  # A share of the run instead: the same updates whatever the epoch.
+  config.dino.warmup_teacher_temp_fraction = 0.5
+  for steps_per_epoch in (0.5, 10, 1000):
+    temp = dino.teacher_temperature(config, total_steps=60, steps_per_epoch=steps_per_epoch)
+    np.testing.assert_allclose([temp(s) for s in (0, 15, 30, 50)], [0.04, 0.055, 0.07, 0.07])
   config.dino.momentum_teacher = 0.996
   momentum = dino.teacher_momentum(config, total_steps=100)
   expected = [1 - 0.004 * (1 + np.cos(np.pi * s / 100)) / 2 for s in (0, 25, 50, 100)]
@@ -462,6 +474,7 @@ def test_knn_and_downstream_runs_read_the_teacher():
     ("dino.global_crop_scale", (0.5, 0.4), "it needs 0 < min <= max <= 1"),
     ("dino.teacher_temp", 0.0, "it must be positive"),
     ("dino.centre_momentum", 1.0, r"it must lie in \[0, 1\)"),
+    ("dino.freeze_last_layer_fraction", 1.5, r"it must lie in \[0, 1\] \(or None"),
     ("augment.solarize_prob", 0.2, "DINO's views have their own augmentations"),
     ("optim.weight_decay_end", -0.1, "it must be >= 0"),
   ],

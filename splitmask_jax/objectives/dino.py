@@ -15,8 +15,10 @@ updated in the train step after the optimizer:
 The batch mean is the whole batch's under gradient accumulation (the loss returns
 it under train_step.STATS_KEY, and micro-batch means average to it) and over every
 device under sharding. The student's last layer is held still during the first
-`freeze_last_layer_epochs`. No tokenizer and no mask: the run's codebook is a
-placeholder nothing reads.
+`freeze_last_layer_epochs`. The teacher temperature's warmup and this freeze are
+in epochs, or in shares of the run when their `*_fraction` keys are set
+(optim.schedule_steps), as the learning rate's warmup. No tokenizer and no mask:
+the run's codebook is a placeholder nothing reads.
 
 The views are drawn on the host (input_pipeline.multi_crop): each a random resized
 crop and flip, then BYOL's photometric augmentations with DINO's probabilities per
@@ -122,11 +124,17 @@ def build_model(config, **common) -> pretrain.DINOModel:
   )
 
 
-def teacher_temperature(config, steps_per_epoch: float) -> optax.Schedule:
+def teacher_temperature(config, *, total_steps: int, steps_per_epoch: float) -> optax.Schedule:
   """Teacher temperature of an update: linear from `warmup_teacher_temp` at the
-  first to `teacher_temp` after `warmup_teacher_temp_epochs`, then constant."""
+  first to `teacher_temp` after `warmup_teacher_temp_epochs` (or
+  `warmup_teacher_temp_fraction` of the `total_steps`), then constant."""
   d = config.dino
-  warmup = int(round(d.warmup_teacher_temp_epochs * steps_per_epoch))
+  warmup = optim.schedule_steps(
+    d.warmup_teacher_temp_epochs,
+    d.warmup_teacher_temp_fraction,
+    total_steps=total_steps,
+    steps_per_epoch=steps_per_epoch,
+  )
   if warmup <= 0:
     return optax.constant_schedule(d.teacher_temp)
   return optax.linear_schedule(d.warmup_teacher_temp, d.teacher_temp, warmup)
@@ -243,13 +251,20 @@ def build_step_parts(
   `total_steps` updates of `steps_per_epoch` per epoch."""
   del grid
   d = config.dino
-  freeze_steps = int(round(d.freeze_last_layer_epochs * steps_per_epoch))
+  freeze_steps = optim.schedule_steps(
+    d.freeze_last_layer_epochs,
+    d.freeze_last_layer_fraction,
+    total_steps=total_steps,
+    steps_per_epoch=steps_per_epoch,
+  )
   return train_step.StepParts(
     loss=functools.partial(
       loss,
       model=model,
       student_temp=d.student_temp,
-      teacher_temp=teacher_temperature(config, steps_per_epoch),
+      teacher_temp=teacher_temperature(
+        config, total_steps=total_steps, steps_per_epoch=steps_per_epoch
+      ),
     ),
     init_objective_state=functools.partial(init_state, out_dim=d.out_dim),
     update_objective_state=functools.partial(
