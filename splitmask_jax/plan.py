@@ -61,6 +61,7 @@ from ml_collections import config_flags
 
 from splitmask_jax import config_base
 from splitmask_jax import loop
+from splitmask_jax import objectives
 from splitmask_jax import recipes
 from splitmask_jax import train
 from splitmask_jax import train_step as train_step_lib
@@ -495,10 +496,13 @@ def plan(
         batch_bytes,
         platform,
       )
+    # The pixel objectives and DINO build no codebook: no vocabulary to report.
+    uses_words = objectives.get(config.objective).USES_TOKENIZER
+    vocabulary = f"vocabulary {config.tokenizer.vocab_size}, " if uses_words else ""
     result = Plan(
       config_summary=(
         f"{config.objective} {config.model.variant} at {config.model.image_size} px, "
-        f"{config.model.dtype}, vocabulary {config.tokenizer.vocab_size}, scan={config.model.scan}, "
+        f"{config.model.dtype}, {vocabulary}scan={config.model.scan}, "
         f"remat={config.model.remat}, attention={config.model.attention}"
       ),
       target=target,

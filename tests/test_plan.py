@@ -119,6 +119,7 @@ def test_tpu_compile_reports_memory_and_counts_scanned_flops():
     result.train.total >= result.train.state + result.train.batch + result.train.temporaries - 1
   )
   assert result.eval is not None and result.eval.total < result.train.total
+  assert "splitmask Test/8 at 32 px, float32, vocabulary 64," in result.config_summary
   report = result.report()
   for text in ("Memory per chip", "temporaries", "fits", "FLOPs per step", "chip-hours", "40%"):
     assert text in report
