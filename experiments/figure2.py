@@ -261,6 +261,10 @@ def main() -> None:
   record = _load_record(args.record, args)
   log = {"commands": [], "wall_s": {}}
   for seed in seeds:
+    # The baseline first: with it, the table covers the objectives done so far.
+    if str(seed) not in record["random_init"]:
+      record["random_init"][str(seed)] = _evaluate("random_init", seed, None, out, log, args)
+      _save_record(record, args.record, log)
     for objective in objectives:
       for share in shares:
         cells = record["runs"].setdefault(objective, {}).setdefault(str(share), {})
@@ -280,9 +284,6 @@ def main() -> None:
         )
         cells[str(seed)] = values
         _save_record(record, args.record, log)
-    if str(seed) not in record["random_init"]:
-      record["random_init"][str(seed)] = _evaluate("random_init", seed, None, out, log, args)
-      _save_record(record, args.record, log)
   summary = _summary(record)
   if not summary["objectives"]:
     print(f"{args.record}: no objective has all its cells yet.")
