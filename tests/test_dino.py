@@ -201,11 +201,7 @@ def test_teacher_and_centre_updates_by_hand():
 
 def test_schedules():
   config = _config(
-    **{
-      "dino.warmup_teacher_temp_epochs": 3.0,
-      "dino.warmup_teacher_temp_fraction": None,
-      "dino.freeze_last_layer_fraction": None,
-    }
+    **{"dino.warmup_teacher_temp_epochs": 3.0, "dino.warmup_teacher_temp_fraction": None}
   )
   temp = dino.teacher_temperature(config, total_steps=100, steps_per_epoch=10)
   np.testing.assert_allclose([temp(s) for s in (0, 15, 30, 50)], [0.04, 0.055, 0.07, 0.07])
