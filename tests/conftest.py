@@ -7,9 +7,12 @@ JAX's backends. The same goes for the flag a deviceless GPU compile needs
 compilers installed for the planner's tests are not asked to find devices.
 """
 
+import atexit
 import gzip
 import os
+import shutil
 import struct
+import tempfile
 
 import numpy as np
 import pytest
@@ -20,6 +23,17 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# One persistent XLA compilation cache for the session, read by this process and by
+# the runs the tests start (they inherit the environment): dozens of tests compile
+# the same tiny programs (the test config's steps, evaluations, k-NN), and a cache hit
+# loads an executable in milliseconds where compiling takes seconds. A test that
+# needs a cold compile sets its own directory.
+_XLA_CACHE = tempfile.mkdtemp(prefix="splitmask_jax_xla_cache_")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 def _write_idx(path, array):

@@ -7,7 +7,6 @@ import json
 import math
 from unittest import mock
 
-import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -198,24 +197,6 @@ def _mocked_tfds(num_examples):
     ),
   ):
     yield
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _shared_compilation_cache(tmp_path_factory):
-  """The paper's configs compile the same tiny model again and again: XLA's
-  persistent cache compiles each distinct program once for the module."""
-  keys = (
-    "jax_compilation_cache_dir",
-    "jax_persistent_cache_min_compile_time_secs",
-    "jax_persistent_cache_min_entry_size_bytes",
-  )
-  saved = {key: getattr(jax.config, key) for key in keys}
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  yield
-  for key, value in saved.items():
-    jax.config.update(key, value)
 
 
 def _final(workdir):

@@ -2,7 +2,6 @@
 centre updates and their schedules, the multi-crop views, the train state through
 accumulation, sharding and checkpoints, and a run through the CLI into fine-tuning."""
 
-import os
 import re
 import shutil
 import subprocess
@@ -351,11 +350,9 @@ def test_checkpoint_of_the_earlier_state_format_restores(tmp_path):
   )
 
 
-def _cli(workdir, fake_dir, data_dir, cache_dir):
+def _cli(workdir, fake_dir, data_dir):
   """`python -m splitmask_jax.main --config=configs/fashion_mnist.py:dino,test` on one
-  device (4 steps, saved at 2 and 4, evaluated at 4, k-NN at the end). The runs of
-  this file share JAX's compilation cache: a second run loads the first one's
-  executables instead of compiling them again (the same programs)."""
+  device (4 steps, saved at 2 and 4, evaluated at 4, k-NN at the end)."""
   command = [
     sys.executable,
     "-m",
@@ -366,22 +363,16 @@ def _cli(workdir, fake_dir, data_dir, cache_dir):
     f"--config.data.data_dir={data_dir}",
     "--config.mesh.data=1",
   ]
-  env = dict(
-    os.environ,
-    JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-  )
-  result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-4000:]
 
 
 @pytest.fixture(scope="module")
 def dino_run(fake_fashion_mnist, tmp_path_factory):
-  """A run of `_cli`: (its workdir, its TFDS data_dir, the compilation cache)."""
+  """A run of `_cli`: (its workdir, its TFDS data_dir)."""
   tmp = tmp_path_factory.mktemp("dino")
-  _cli(tmp / "run", fake_fashion_mnist, tmp / "tfds", tmp / "jax_cache")
-  return tmp / "run", tmp / "tfds", tmp / "jax_cache"
+  _cli(tmp / "run", fake_fashion_mnist, tmp / "tfds")
+  return tmp / "run", tmp / "tfds"
 
 
 def test_cli_end_to_end_with_knn(dino_run):
@@ -402,11 +393,11 @@ def test_resumed_run_ends_like_an_unbroken_one(dino_run, fake_fashion_mnist, tmp
   """The CLI run interrupted after its step-2 checkpoint (its workdir without step 4)
   and run again ends with the unbroken run's parameters, teacher and centre, bit
   for bit: the checkpoint holds them and the input pipeline's position."""
-  unbroken, data_dir, cache_dir = dino_run
+  unbroken, data_dir = dino_run
   workdir = tmp_path / "run"
   shutil.copytree(unbroken, workdir)
   shutil.rmtree(workdir / "checkpoints" / "4")
-  _cli(workdir, fake_fashion_mnist, data_dir, cache_dir)
+  _cli(workdir, fake_fashion_mnist, data_dir)
   names = ("params", "objective_state")
   expected, _ = checkpointing.load_arrays(str(unbroken), names, step=4)
   resumed, _ = checkpointing.load_arrays(str(workdir), names, step=4)
@@ -417,7 +408,7 @@ def test_resumed_run_ends_like_an_unbroken_one(dino_run, fake_fashion_mnist, tmp
 
 def test_finetuning_loads_the_teacher_encoder(dino_run):
   """DINO is judged by its EMA teacher: fine-tuning (and probing) start from it."""
-  workdir, data_dir, _ = dino_run
+  workdir, data_dir = dino_run
   config = load_config("test", FINETUNE_CONFIG_FILE)
   config.init.workdir = str(workdir)
   config.data.data_dir = str(data_dir)
