@@ -27,8 +27,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # One persistent XLA compilation cache for the session, read by this process and by
 # the runs the tests start (they inherit the environment): dozens of tests compile
 # the same tiny programs (the test config's steps, evaluations, k-NN), and a cache hit
-# loads an executable in milliseconds where compiling takes seconds. A test that
-# needs a cold compile sets its own directory.
+# loads an executable in milliseconds where compiling takes seconds. A cache the
+# caller's environment already names is kept.
 _XLA_CACHE = tempfile.mkdtemp(prefix="splitmask_jax_xla_cache_")
 atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
