@@ -26,8 +26,9 @@ experiments/fashion_mnist_finetune.py). Each finished cell (an objective, share 
 seed: pre-training, k-NN, probe and fine-tuning) is added to `--record`
 (experiments/figure2.json, kept with the code) at once, and a later invocation skips
 the cells found there, so the study can be run a few cells at a time, on several
-machines, and the workdirs deleted in between. The table and the plot cover the
-objectives whose cells are all recorded: beside the record (experiments/figure2.md)
+machines, and the workdirs deleted in between. The table and the plot cover each
+objective with a seed recorded at every share, averaged over its seeds so recorded
+(the table's seeds column says how many): beside the record (experiments/figure2.md)
 and in figures/ beside it (experiments/figures/figure2.png).
 """
 
@@ -145,35 +146,39 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
   return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
-def _table(summary: dict) -> str:
-  seeds = summary["seeds"]
-  spread = " ± std" if len(seeds) > 1 else ""
-  head = " | ".join(f"{METRICS[m]} (%{spread})" for m in METRICS)
-  lines = [f"| objective | images | {head} |", "|---|---|" + "---|" * len(METRICS)]
-  for objective in summary["objectives"]:
-    for share in summary["shares"]:
-      runs = summary["runs"][objective][str(share)]
-      cells = []
-      for metric in METRICS:
-        mean, std = _mean_std([runs[str(s)][metric] for s in seeds])
-        cells.append(f"{mean:.1f}" + (f" ± {std:.1f}" if len(seeds) > 1 else ""))
-      images = round(60_000 * share)
-      lines.append(f"| {NAMES[objective]} | {share:.0%} ({images:,}) | {' | '.join(cells)} |")
-  base = summary["random_init"]
+def _cells(values: dict, seeds: list[int]) -> list[str]:
+  """`values[seed][metric]` as 'mean' (one seed) or 'mean ± std' cells, one a metric."""
   cells = []
   for metric in METRICS:
-    mean, std = _mean_std([base[str(s)][metric] for s in seeds])
+    mean, std = _mean_std([values[str(s)][metric] for s in seeds])
     cells.append(f"{mean:.1f}" + (f" ± {std:.1f}" if len(seeds) > 1 else ""))
-  lines.append(f"| random init | | {' | '.join(cells)} |")
-  return "\n".join(lines) + "\n"
+  return cells
+
+
+def _table(summary: dict) -> str:
+  head = " | ".join(f"{METRICS[m]} (%)" for m in METRICS)
+  lines = [f"| objective | images | seeds | {head} |", "|---|---|---|" + "---|" * len(METRICS)]
+  for objective in summary["objectives"]:
+    seeds = summary["seeds"][objective]
+    for share in summary["shares"]:
+      cells = _cells(summary["runs"][objective][str(share)], seeds)
+      images = round(60_000 * share)
+      lines.append(
+        f"| {NAMES[objective]} | {share:.0%} ({images:,}) | {len(seeds)} | {' | '.join(cells)} |"
+      )
+  seeds = summary["seeds"]["random_init"]
+  cells = _cells(summary["random_init"], seeds)
+  lines.append(f"| random init | | {len(seeds)} | {' | '.join(cells)} |")
+  note = "Mean ± standard deviation over the seeds where there are several."
+  return "\n".join(lines) + "\n\n" + note + "\n"
 
 
 def _plot(summary: dict, path: pathlib.Path) -> None:
-  seeds, shares = summary["seeds"], summary["shares"]
+  shares = summary["shares"]
   fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4.2))
   for ax, (metric, title) in zip(axes, METRICS.items()):
     for objective in summary["objectives"]:
-      runs = summary["runs"][objective]
+      runs, seeds = summary["runs"][objective], summary["seeds"][objective]
       stats = [_mean_std([runs[str(s)][str(seed)][metric] for seed in seeds]) for s in shares]
       ax.errorbar(
         [100 * s for s in shares],
@@ -183,6 +188,7 @@ def _plot(summary: dict, path: pathlib.Path) -> None:
         capsize=3,
         label=NAMES[objective],
       )
+    seeds = summary["seeds"]["random_init"]
     mean, _ = _mean_std([summary["random_init"][str(seed)][metric] for seed in seeds])
     ax.axhline(mean, color="grey", ls="--", label="random init")
     ax.set(
@@ -222,24 +228,32 @@ def _save_record(record: dict, path: pathlib.Path, log: dict) -> None:
 
 
 def _summary(record: dict) -> dict:
-  """The record's cells as `_table` and `_plot` read them: the objectives, shares and
-  seeds of which every cell is recorded, in the usual order."""
+  """The record's cells as `_table` and `_plot` read them: the objectives with at least
+  one seed recorded at every share, in the usual order, and each objective's seeds
+  (those with every share), so a second seed shows as soon as its cells are in."""
   runs = record["runs"]
-  seeds = sorted(int(s) for s in record["random_init"])
-  objectives = [o for o in OBJECTIVES if o in runs and seeds]
-  shares = sorted({float(share) for o in objectives for share in runs[o]})
-  complete = lambda o, share: all(str(s) in runs[o].get(str(share), {}) for s in seeds)  # noqa: E731
-  objectives = [o for o in objectives if all(complete(o, share) for share in shares)]
+  shares = sorted({float(share) for cells in runs.values() for share in cells})
+  measured = {s for cells in runs.values() for by_seed in cells.values() for s in by_seed}
+  # The random init's k-NN comes with the pre-training cells (below): its seeds are
+  # those with at least one.
+  seeds = {"random_init": sorted(int(s) for s in record["random_init"] if s in measured)}
+  for o in OBJECTIVES:
+    cells = runs.get(o, {})
+    complete = [
+      s for s in seeds["random_init"] if all(str(s) in cells.get(str(sh), {}) for sh in shares)
+    ]
+    if complete:
+      seeds[o] = complete
   random_init = dict(record["random_init"])
-  for seed in seeds:
+  for seed in seeds["random_init"]:
     # Every pre-training run measures the same random-init encoder's k-NN (its seed's
     # initialisation): their mean is the baseline's k-NN.
     knn = [
-      runs[o][str(share)][str(seed)]["knn_random_init"] for o in objectives for share in shares
+      c[str(seed)]["knn_random_init"] for o in runs for c in runs[o].values() if str(seed) in c
     ]
     random_init[str(seed)] = dict(random_init[str(seed)], knn=float(np.mean(knn)))
   return {
-    "objectives": objectives,
+    "objectives": [o for o in OBJECTIVES if o in seeds],
     "shares": shares,
     "seeds": seeds,
     "runs": runs,
