@@ -35,6 +35,12 @@ import platform
 import subprocess
 import time
 
+if __name__ == "__main__":
+  # As the entry point does, before JAX is imported: the figures are a run's.
+  from splitmask_jax.runtime import host_memory
+
+  host_memory.reexec_with_huge_pages()
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -257,6 +263,7 @@ def _environment() -> dict:
     "device": f"{jax.local_device_count()} x {device.device_kind}",
     "platform": device.platform,
     "jax": jax.__version__,
+    "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
   }
 
 

@@ -26,6 +26,12 @@ import functools
 import sys
 import time
 
+if __name__ == "__main__":
+  # Before JAX is imported: the step's large host buffers on huge pages (see there).
+  from splitmask_jax.runtime import host_memory
+
+  host_memory.reexec_with_huge_pages()
+
 from absl import app
 from absl import flags
 from absl import logging
