@@ -243,6 +243,7 @@ def test_one_accum_step_is_the_old_step_bit_for_bit(arg):
   assert programs[1] == programs[0] and programs[2] == programs[0]
 
 
+@pytest.mark.slow
 def test_sharded_accumulated_step_equals_one_device_and_moves_no_examples():
   """On 8 data-parallel devices the micro-batches (8 examples each) split without
   moving examples between devices, and the step equals the one-device step."""
@@ -303,6 +304,7 @@ def test_resume_compares_accum_steps_at_its_default():
   assert config_base.resume_conflicts(saved, config) == {"accum_steps": ("<absent: 1>", 2)}
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_with_accumulation(fake_fashion_mnist, tmp_path):
   config = load_config("test")
   config.data.manual_dir = str(fake_fashion_mnist)

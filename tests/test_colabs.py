@@ -95,12 +95,14 @@ def test_committed_notebooks_have_no_outputs(name):
       assert cell.outputs == [] and cell.execution_count is None, cell.source[:80]
 
 
+@pytest.mark.slow
 def test_quickstart(quickstart):
   workdir, figures = quickstart
   _assert_pngs(figures, ["quickstart_curves.png", "quickstart_reconstructions.png"])
   assert (workdir / "checkpoints" / "4").is_dir()
 
 
+@pytest.mark.slow
 def test_finetune_and_probe(quickstart, fake_fashion_mnist, tmp_path, tmp_path_factory):
   pretrain_workdir, _ = quickstart
   figures = tmp_path / "figures"

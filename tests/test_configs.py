@@ -203,6 +203,7 @@ def _final(workdir):
   return json.loads((workdir / "final_metrics.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PAPER_CONFIGS)
 def test_paper_config_pretrains_on_mocked_data(name, tmp_path):
   config = recipes.get_config(name, "test")
@@ -221,6 +222,7 @@ def test_paper_config_pretrains_on_mocked_data(name, tmp_path):
     assert ("knn_top1" in final) == recipes.DATASETS[name].labelled
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "name,arg",
   [

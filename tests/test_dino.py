@@ -170,6 +170,7 @@ def test_steps_lower_the_loss(steps):
   assert steps.run.losses[2] < steps.run.losses[0]
 
 
+@pytest.mark.slow
 def test_sharded_and_accumulated_steps_equal_one_device(steps):
   """The same steps on a (data 2, fsdp 4) mesh with 2 micro-batches: the same losses,
   parameters, teacher and centre (the centre's batch mean is the whole batch's); the
@@ -375,6 +376,7 @@ def dino_run(fake_fashion_mnist, tmp_path_factory):
   return tmp / "run", tmp / "tfds"
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_with_knn(dino_run):
   workdir, *_ = dino_run
   records = metric_log.read_metrics(str(workdir))

@@ -353,6 +353,7 @@ def test_config_name_is_per_folder(tmp_path, monkeypatch):
   assert image_folder.config_name(str(tmp_path / "a" / "My Photos/")) == one
 
 
+@pytest.mark.slow
 def test_pretraining_and_finetuning_on_a_folder(split_folders, tmp_path):
   """configs/image_folder.py with the folder as its one data value: pre-training
   (broken files never reach it), then fine-tuning from its lowest held-out loss."""

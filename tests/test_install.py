@@ -18,6 +18,7 @@ import sysconfig
 import textwrap
 
 import nbformat
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from PIL import Image
@@ -172,6 +173,7 @@ def _setup_cells():
   return cells
 
 
+@pytest.mark.slow
 def test_colab_environment_keeps_its_tensorflow(tmp_path):
   """A venv with Colab's TensorFlow installed first, then the notebooks' setup cell."""
   cells = _setup_cells()

@@ -25,6 +25,9 @@ from helpers import CONFIG_FILE
 from helpers import ROOT
 from helpers import load_config
 
+# Every test here starts several processes of the whole program: the slow tier.
+pytestmark = pytest.mark.slow
+
 NUM_STEPS = 4
 COMPARED = ("loss", "inpaint_loss", "match_loss", "grad_norm")
 

@@ -231,6 +231,7 @@ def test_a_few_steps_lower_the_loss(objective):
   assert values[-1] < 0.7 * values[0], values
 
 
+@pytest.mark.slow
 def test_sharded_steps_equal_one_device():
   """As test_train's test of the same name, for MAE (its decoder's parameters split
   over fsdp too): two steps on one device and on a (2, 4) mesh agree. SimMIM's model

@@ -97,6 +97,7 @@ def _analytic_splitmask_flops(config) -> float:
   return 2 * (3 * forward + tokenizer)
 
 
+@pytest.mark.slow
 def test_tpu_compile_reports_memory_and_counts_scanned_flops():
   compiled = []
   result = plan.plan(
@@ -146,6 +147,7 @@ def _mask_example(result):
   return objectives.make_mask_fn(config, (4, 4))(np.random.default_rng(0))
 
 
+@pytest.mark.slow
 def test_too_large_a_batch_is_refused_with_what_would_fit():
   """A per-chip batch beyond what JAX may take of an H100: exit status 3, the total,
   the capacity, what would make it fit and the largest batch that fitted."""
@@ -190,6 +192,7 @@ def test_largest_batch_search_brackets_the_capacity():
   assert (best, refused) == (None, 50_000) and "none fitted in 1 more compiles" in note
 
 
+@pytest.mark.slow
 def test_h100_compile_uses_cudnn_fused_attention_in_bfloat16():
   texts = []
   result = plan.plan(

@@ -98,6 +98,7 @@ def _losses(workdir):
   return {r["step"]: r for r in metric_log.read_metrics(workdir) if "loss" in r}
 
 
+@pytest.mark.slow
 def test_gs_workdir_resumes_like_an_unbroken_run(gcs, fake_fashion_mnist, tmp_path, monkeypatch):
   data_dir = tmp_path / "tfds"
   train.train_and_evaluate(_config(fake_fashion_mnist, data_dir), str(tmp_path / "local"))

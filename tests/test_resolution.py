@@ -285,6 +285,7 @@ def test_another_patch_size_or_channel_count_fails_before_any_work(
 # --- end to end -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_finetuning_at_a_larger_size_starts_from_the_resampled_encoder(
   finetuned_run, pretrained_run
 ):

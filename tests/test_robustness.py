@@ -230,6 +230,7 @@ def test_unreadable_images_are_skipped_counted_and_deterministic(data_dir):
   assert np.flatnonzero(~valid).tolist() == [bad_test]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_exits_42_and_restart_matches_unbroken_run(
   data_dir, reference, tmp_path, monkeypatch
 ):
@@ -260,6 +261,7 @@ def test_sigterm_saves_exits_42_and_restart_matches_unbroken_run(
   _assert_matches(_train_records(workdir), expected, range(1, NUM_STEPS + 1))
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_save_keeps_the_previous_checkpoint(
   data_dir, reference, tmp_path, monkeypatch
 ):
@@ -492,6 +494,7 @@ def _truncate(files):
     os.truncate(f, f.stat().st_size // 2)
 
 
+@pytest.mark.slow
 def test_damaged_checkpoints_are_set_aside_and_the_run_resumes_before_them(
   data_dir, reference, tmp_path, monkeypatch
 ):
@@ -560,6 +563,7 @@ def _assert_disk_full_message(message, workdir):
   assert not list((workdir / "checkpoints").glob("*.orbax-checkpoint-tmp"))
 
 
+@pytest.mark.slow
 def test_full_disk_stops_with_one_clear_error_and_resumes_once_freed(
   data_dir, reference, tmp_path, monkeypatch
 ):
@@ -602,6 +606,7 @@ def test_full_disk_stops_with_one_clear_error_and_resumes_once_freed(
   _assert_matches(records, expected, range(1, NUM_STEPS + 1))
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_workdir_is_refused_and_ctrl_c_saves_the_first(data_dir, tmp_path):
   workdir = tmp_path / "run"
   # Long enough to be still running while the second starts and is refused.

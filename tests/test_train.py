@@ -58,6 +58,7 @@ def test_beit_runs(fake_fashion_mnist, tmp_path):
   assert abs(first["loss"] - np.log(config.tokenizer.vocab_size)) < 1.0
 
 
+@pytest.mark.slow
 def test_resume_matches_unbroken_run(fake_fashion_mnist, tmp_path, monkeypatch):
   """A run that dies after its step-4 checkpoint and restarts logs the same losses."""
 
@@ -100,6 +101,7 @@ def _random_batch(config, grid, batch_size, seed=0):
   return batch, masks[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arg, data, fsdp", [("test", 8, 1), ("beit,test", 8, 1), ("test", 2, 4)])
 def test_sharded_steps_equal_one_device(arg, data, fsdp):
   """The same two steps on one device and on a (data, fsdp) mesh of 8 devices agree."""
