@@ -376,7 +376,6 @@ def dino_run(fake_fashion_mnist, tmp_path_factory):
   return tmp / "run", tmp / "tfds"
 
 
-@pytest.mark.slow
 def test_cli_end_to_end_with_knn(dino_run):
   workdir, *_ = dino_run
   records = metric_log.read_metrics(str(workdir))

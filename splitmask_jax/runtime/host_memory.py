@@ -3,8 +3,8 @@
 XLA:CPU allocates each step's temporaries as one buffer (177 MiB for the Mini/8@32
 SplitMask step at batch 64) and frees it when the step ends. glibc's malloc serves an
 allocation that large with a fresh `mmap` and returns it with `munmap`, so every step
-faults the whole buffer in again, 4 KiB at a time: 44,000 page faults and about 40% of
-the step's CPU time spent in the kernel on a 2-core machine (benchmarks/RESULTS.md).
+faults the whole buffer in again, 4 KiB at a time: 44,000 page faults and about a quarter
+of the step's CPU time spent in the kernel on a 2-core machine (benchmarks/RESULTS.md).
 glibc 2.35 and later can advise the kernel to back such mappings with 2 MiB pages
 (the `glibc.malloc.hugetlb=1` tunable), which turns those faults into a few hundred.
 The kernel's default transparent-huge-page mode, `madvise`, honours that advice.
