@@ -163,6 +163,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.crop_scale = (0.08, 1.0)
   c.data.num_workers = 8  # grain worker processes per host (0: in-process)
   c.data.prefetch = 2
+  # A split whose images decode to one shape and at most this many MiB is decoded
+  # into memory once per process (data/in_memory.py); 0: read from disk every time.
+  c.data.in_memory_mib = 256
 
   # Photometric augmentation after the crop and flip (data/photometric.py): off in the
   # paper's default recipe, on for its smallest datasets (the small-data recipe).
@@ -360,6 +363,7 @@ def downstream_config() -> ml_collections.ConfigDict:
   c.data.test_crop_ratio = 0.875
   c.data.num_workers = 8
   c.data.prefetch = 2
+  c.data.in_memory_mib = 256  # as in pre-training
 
   c.augment = ml_collections.ConfigDict()
   # RandAugment 'rand-m9-mstd0.5-inc1': ops per image, magnitude (0..10), its std.
@@ -542,6 +546,8 @@ def _check_loop(config) -> None:
     _fail("data.crop_scale", config.data.crop_scale, "it needs 0 < min <= max <= 1")
   if not 0 < config.data.train_fraction <= 1:
     _fail("data.train_fraction", config.data.train_fraction, "it must lie in (0, 1]")
+  if config.data.in_memory_mib < 0:
+    _fail("data.in_memory_mib", config.data.in_memory_mib, "it must be >= 0 (0: never)")
   sharding.check_mesh_config(config.mesh)
   if config.profile.start_step < 1:
     _fail(
@@ -757,6 +763,7 @@ RESUMABLE_KEYS = (
   "data.manual_dir",
   "data.num_workers",
   "data.prefetch",
+  "data.in_memory_mib",
   "log_every",
   "eval_every",
   "eval_batches",

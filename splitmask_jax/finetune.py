@@ -355,7 +355,7 @@ def top1_evaluation(config, model, mesh):
   """`params -> top-1` on config.data.test_split (all of it, test crop ratio)."""
   data = config.data
   local_batch = sharding.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-  source = datasets.load_source(data.dataset, data.test_split, data.data_dir)
+  source = datasets.load_source(data.dataset, data.test_split, data.data_dir, data.in_memory_mib)
   predict = jax.jit(
     lambda params, images: jnp.argmax(
       model.apply(params, objectives.images_to_float(images), train=False), axis=-1

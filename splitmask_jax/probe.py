@@ -100,7 +100,9 @@ def _probe(config, workdir: str, mesh, local_batch: int, pretrained) -> dict:
   data = config.data
   info = finetune.prepare_labelled_data(config)
   train_source = datasets.training_share(config.data)
-  test_source = datasets.load_source(data.dataset, data.test_split, data.data_dir)
+  test_source = datasets.load_source(
+    data.dataset, data.test_split, data.data_dir, data.in_memory_mib
+  )
 
   def batches(source, num):
     return input_pipeline.eval_dataset(

@@ -183,7 +183,9 @@ def knn_evaluation(config, model, params_by_name: dict, mesh, num_classes: int) 
   features_fn = jax.jit(lambda p, im: _pooled_features(model, p, im))
 
   def features(name, params, split, num):
-    source = datasets.load_source(config.data.dataset, split, config.data.data_dir)
+    source = datasets.load_source(
+      config.data.dataset, split, config.data.data_dir, config.data.in_memory_mib
+    )
     count = len(source) if num is None else min(num, len(source))
     examples = input_pipeline.eval_dataset(
       source,
@@ -422,7 +424,7 @@ def _pretrain(config, workdir: str, mesh, local_batch: int, allow_config_change:
 
   train_step = make_train_step(config, parts, mesh, state)
   eval_step = make_eval_step(parts, mesh, state)
-  val_source = datasets.load_source(data.dataset, data.val_split, data.data_dir)
+  val_source = datasets.load_source(data.dataset, data.val_split, data.data_dir, data.in_memory_mib)
 
   # Whole batches of held-out images: a split smaller than eval_batches batches is
   # cycled (a repeated image gets other masks), since a padded batch is skipped.

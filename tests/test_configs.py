@@ -82,6 +82,10 @@ def test_unknown_variant_names_the_allowed_ones():
   config = recipes.get_config("imagenet", "share=2")
   with pytest.raises(ValueError, match=r"data\.train_fraction=2\.0"):
     config_base.validate_config(config)
+  config = recipes.get_config("imagenet", None)
+  config.data.in_memory_mib = -1
+  with pytest.raises(ValueError, match=r"data\.in_memory_mib=-1 .*>= 0"):
+    config_base.validate_config(config)
 
 
 def test_baselines_take_their_papers_changes_to_the_recipe():

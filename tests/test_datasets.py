@@ -10,6 +10,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.image_classification import mnist
 
 from splitmask_jax.data import datasets
+from splitmask_jax.data import in_memory
 
 NUM_TRAIN, NUM_TEST = 40, 20
 
@@ -329,3 +330,37 @@ def test_manual_dataset_is_prepared_from_manual_dir(tmp_path):
   got = sorted((source[i]["image"].tobytes(), int(source[i]["label"])) for i in range(len(source)))
   assert got == sorted((image.tobytes(), int(label)) for image, label in zip(images, labels))
   assert datasets.dataset_info(MANUAL_DATASET, data_dir).num_examples == {"train": 6}
+
+
+def test_small_split_is_decoded_into_memory_once_with_the_same_records(prepared):
+  data, _, data_dir = prepared
+  for split in ("train", "test", "train[:7]"):
+    lazy = datasets.load_source("fashion_mnist", split, data_dir)
+    held = datasets.load_source("fashion_mnist", split, data_dir, in_memory_mib=1)
+    assert isinstance(held, in_memory.InMemorySource)
+    assert datasets.load_source("fashion_mnist", split, data_dir, in_memory_mib=1) is held
+    assert len(held) == len(lazy)
+    for i in range(len(lazy)):
+      for key, value in lazy[i].items():
+        np.testing.assert_array_equal(held[i][key], value)
+  # 40 images of 784 bytes: over a limit of 30 KiB, and never at 0.
+  for limit in (30 / 1024, 0):
+    source = datasets.load_source("fashion_mnist", "train", data_dir, in_memory_mib=limit)
+    assert not isinstance(source, in_memory.InMemorySource)
+
+
+def test_unreadable_record_keeps_the_split_on_disk(caplog):
+  class Broken(list):
+    def __getitem__(self, index):
+      if index == 3:
+        raise OSError("truncated PNG")
+      return super().__getitem__(index)
+
+  image = np.zeros((2, 2, 1), np.uint8)
+  source = Broken({"image": image, "label": i} for i in range(5))
+  assert in_memory.decode_all(source, "broken split") is None
+  assert "broken split stays on disk" in caplog.text and "truncated PNG" in caplog.text
+  held = in_memory.decode_all(source[:3], "good split")
+  assert len(held) == 3 and held[2]["label"] == 2 and held.nbytes == 3 * 4 + 3 * 8
+  with pytest.raises(IndexError):
+    held[3]

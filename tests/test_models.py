@@ -1,6 +1,7 @@
 """Tests of the ViT encoder, the decoder and the SplitMask / BEiT pre-training models."""
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from splitmask_jax.models.vit import VARIANTS
 from splitmask_jax.models.vit import Decoder
 from splitmask_jax.models.vit import Encoder
 from splitmask_jax.models.vit import drop_path_rates
+from splitmask_jax.models.vit import gelu
 from splitmask_jax.models.vit import parse_variant
 from splitmask_jax.models.vit import patchify
 
@@ -338,3 +340,11 @@ def test_bad_arguments_raise(splitmask):
     Encoder(**VARIANTS["Test"], patch_size=P, grid=GRID, drop_path_rate=1.0).init(
       jax.random.key(0), jnp.zeros((1, IMG, IMG, 3)), train=False
     )
+
+
+def test_gelu_is_the_exact_gelu():
+  x = np.linspace(-10, 10, 20001, dtype=np.float32)
+  reference = np.array([v * math.erfc(-v / math.sqrt(2)) / 2 for v in x.astype(np.float64)])
+  ours = np.asarray(jax.jit(gelu)(x), np.float64)
+  np.testing.assert_allclose(ours, reference, rtol=2e-6, atol=2e-6)
+  assert gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16

@@ -26,6 +26,7 @@ import gzip
 import io
 import os
 import socket
+import time
 import urllib.parse
 from collections.abc import Iterator
 from collections.abc import Mapping
@@ -41,6 +42,7 @@ from PIL import Image
 from tensorflow_datasets.image_classification import mnist
 
 from splitmask_jax.data import image_folder
+from splitmask_jax.data import in_memory
 
 # Registers 'i_naturalist2019' with TFDS, so that tfds.builder finds it by name.
 from splitmask_jax.data import inaturalist2019  # pylint: disable=unused-import
@@ -49,6 +51,8 @@ from splitmask_jax.data import subsets
 FASHION_MNIST = "fashion_mnist"
 # Labels read per call when reading a whole split's labels.
 _LABEL_CHUNK = 8192
+# Splits decoded by load_source, by (prepared dataset, split, its info's mtime).
+_IN_MEMORY: dict[tuple, in_memory.InMemorySource] = {}
 # Where Debian's package `dataset-fashion-mnist` installs the four IDX files.
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 # File names of the four IDX files per split, as published by Zalando and Debian.
@@ -458,22 +462,54 @@ def prepared_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilde
   return builder
 
 
-def load_source(name: str, split: str, data_dir: str) -> Sequence[dict[str, Any]]:
+def load_source(
+  name: str, split: str, data_dir: str, in_memory_mib: float = 0
+) -> Sequence[dict[str, Any]]:
   """Opens one split of a prepared TFDS dataset for random access.
 
   Args:
     name: TFDS name or image folder, as in `prepare_dataset`.
     split: TFDS split, slices allowed ('train', 'test', 'train[:1000]').
     data_dir: TFDS data directory.
+    in_memory_mib: decode the whole split into memory once (in_memory.py) when its
+      images have one shape and take at most this many MiB decoded; 0: never.
+      The decoded split is kept for the process's later calls.
 
   Returns:
-    The `tfds.data_source` of the split: `len()` and `source[i]` -> dict of the
-    decoded features, e.g. {'image': uint8 [H, W, C], 'label': int64 scalar}.
+    The `tfds.data_source` of the split, or the split in memory: `len()` and
+    `source[i]` -> dict of the decoded features, e.g. {'image': uint8 [H, W, C],
+    'label': int64 scalar}.
 
   Raises:
     DatasetNotPreparedError: the dataset is not prepared as ArrayRecord.
   """
-  return prepared_builder(name, data_dir).as_data_source(split=split)
+  builder = prepared_builder(name, data_dir)
+  source = builder.as_data_source(split=split)
+  features = builder.info.features
+  if in_memory_mib <= 0 or "image" not in features:
+    return source
+  size = in_memory.decoded_bytes(len(source), features["image"].shape)
+  if size is None or size > in_memory_mib * 2**20:
+    return source
+  # Keyed by the prepared files' info as well: preparing the dataset again in the
+  # same place (tests do) must not serve the old records.
+  info_file = epath.Path(builder.data_dir) / "dataset_info.json"
+  key = (str(builder.data_dir), split, info_file.stat().mtime if info_file.exists() else None)
+  if key not in _IN_MEMORY:
+    start = time.perf_counter()
+    decoded = in_memory.decode_all(source, f"{name} {split}")
+    if decoded is None:
+      return source
+    logging.info(
+      "%s %s: %d records decoded into memory (%.0f MiB) in %.1fs",
+      name,
+      split,
+      len(decoded),
+      decoded.nbytes / 2**20,
+      time.perf_counter() - start,
+    )
+    _IN_MEMORY[key] = decoded
+  return _IN_MEMORY[key]
 
 
 def dataset_info(name: str, data_dir: str) -> DatasetInfo:
@@ -518,13 +554,13 @@ def training_share(data) -> Sequence[dict[str, Any]]:
 
   Args:
     data: a config's `data` group: dataset, train_split, data_dir,
-      train_fraction, subset_seed.
+      train_fraction, subset_seed, in_memory_mib.
 
   Returns:
     The split's data source when train_fraction is 1, else a `Subset` of it. A
     dataset without labels is treated as one class (a uniform seeded draw).
   """
-  source = load_source(data.dataset, data.train_split, data.data_dir)
+  source = load_source(data.dataset, data.train_split, data.data_dir, data.in_memory_mib)
   if data.train_fraction == 1:
     return source
   if dataset_info(data.dataset, data.data_dir).num_classes is None:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from splitmask_jax.models.vit import Decoder
 from splitmask_jax.models.vit import Encoder
 from splitmask_jax.models.vit import gather_tokens
+from splitmask_jax.models.vit import gelu
 from splitmask_jax.models.vit import logits_dense
 from splitmask_jax.models.vit import pooled_features
 
@@ -421,8 +422,8 @@ class DINOHead(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """[B, D] -> float32 [B, out_dim]."""
     kw = dict(kernel_init=_trunc_normal, dtype=self.dtype, param_dtype=self.param_dtype)
-    x = nn.gelu(nn.Dense(self.hidden_dim, name="fc1", **kw)(x), approximate=False)
-    x = nn.gelu(nn.Dense(self.hidden_dim, name="fc2", **kw)(x), approximate=False)
+    x = gelu(nn.Dense(self.hidden_dim, name="fc1", **kw)(x))
+    x = gelu(nn.Dense(self.hidden_dim, name="fc2", **kw)(x))
     x = nn.Dense(self.bottleneck_dim, name="fc3", **kw)(x).astype(jnp.float32)
     # torch's F.normalize: x / max(|x|, 1e-12).
     x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
