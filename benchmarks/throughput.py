@@ -12,8 +12,10 @@ so MFU = achieved FLOP/s / measured peak FLOP/s. `--scan`, `--attention` and
 `--remat` set the model keys of the same names.
 
 `--peer` times the same SplitMask step written with PyTorch and timm's ViT
-(benchmarks/torch_peer.py) in the same run and reports JAX's images/s over
-PyTorch's. `--pipeline_workers` times the grain input pipeline on its own
+(benchmarks/torch_peer.py) in the same run, alternately with JAX's
+(`--peer_rounds` rounds: the machine's speed drifts between minutes), and reports
+JAX's images/s over PyTorch's: the median of the rounds' ratios, their range in
+brackets. `--pipeline_workers` times the grain input pipeline on its own
 (Fashion-MNIST from TFDS: crop, flip, masks, batching).
 
   # CPU (2 cores): small configs, float32, the peer and the input pipeline.
@@ -34,6 +36,7 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 
 if __name__ == "__main__":
   # As the entry point does, before JAX is imported: the figures are a run's.
@@ -133,11 +136,9 @@ def _timed(run, steps: int, warmup: int, min_seconds: float = 3.0) -> float:
   return (time.perf_counter() - start) / count
 
 
-def jax_step(config, *, steps: int, warmup: int, trace_dir: str | None = None) -> dict:
-  """Times the jitted train step; returns images/s and FLOPs per step (all devices).
-
-  With `trace_dir`, `steps` more steps are traced there afterwards (XLA profiler).
-  """
+def jax_runner(config) -> tuple[Callable[[], None], dict]:
+  """The compiled train step on a fixed batch, as a call that runs one step and
+  waits for it, and {'flops_per_step' (all devices), 'compile_s', 'num_params'}."""
   mesh = sharding.make_mesh(config.mesh, jax.local_devices())
   parts = train.build_training(config, 10_000, 100.0, sharding.platform_of(mesh))
   codebook = tokenizers.random_projection_codebook(
@@ -167,35 +168,75 @@ def jax_step(config, *, steps: int, warmup: int, trace_dir: str | None = None) -
     holder[0], metrics = compiled(holder[0], batch)
     jax.block_until_ready(metrics)
 
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  return run, {"flops_per_step": flops, "compile_s": compile_s, "num_params": num_params}
+
+
+def jax_step(config, *, steps: int, warmup: int, trace_dir: str | None = None) -> dict:
+  """Times the jitted train step; returns images/s and FLOPs per step (all devices).
+
+  With `trace_dir`, `steps` more steps are traced there afterwards (XLA profiler).
+  """
+  run, info = jax_runner(config)
   seconds = _timed(run, steps, warmup)
   if trace_dir:
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-      for _ in range(steps):
-        run()
-  num_params = sum(x.size for x in jax.tree.leaves(holder[0].params))
-  return {
-    "images_per_sec": config.batch_size / seconds,
-    "step_s": seconds,
-    "flops_per_step": flops,
-    "compile_s": compile_s,
-    "num_params": num_params,
-  }
+    _trace(run, steps, trace_dir)
+  return {"images_per_sec": config.batch_size / seconds, "step_s": seconds, **info}
 
 
-def torch_step(config, *, steps: int, warmup: int) -> dict:
-  """Times the PyTorch + timm peer of the SplitMask step on the same kind of batch."""
+def _trace(run, steps: int, trace_dir: str) -> None:
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    for _ in range(steps):
+      run()
+
+
+def torch_runner(config) -> tuple[Callable[[], None], dict]:
+  """The PyTorch + timm peer of the SplitMask step on the same kind of batch, compiled
+  (its first step, timed as 'first_step_s'), and where it runs."""
   from benchmarks import torch_peer  # pylint: disable=import-outside-toplevel
 
   step, setup = torch_peer.make_step(config, synthetic_batch(config))
   start = time.perf_counter()
   step()
-  first_step_s = time.perf_counter() - start  # torch.compile compiles here
-  seconds = _timed(step, steps, warmup)
+  return step, {"first_step_s": time.perf_counter() - start, **setup}
+
+
+def jax_against_peer(
+  config, *, steps: int, warmup: int, rounds: int, trace_dir: str | None = None
+) -> dict:
+  """Times the JAX step and its PyTorch peer alternately, `rounds` times each.
+
+  A shared machine's speed drifts by more than the gap being measured within
+  minutes, so the two steps are never timed far apart: each round times JAX,
+  then PyTorch, for `steps / rounds` steps (at least one, and a second) each,
+  and the ratio is the median over rounds of the two rates of one round.
+
+  Returns jax_step's keys (images/s and step_s from JAX's median round),
+  'torch' ({'images_per_sec', 'step_s', 'first_step_s', ...}), 'jax_over_torch'
+  (the median ratio) and 'jax_over_torch_range' (its lowest and highest round).
+  """
+  run, info = jax_runner(config)
+  peer, setup = torch_runner(config)
+  for _ in range(warmup):
+    run()
+    peer()
+  per_round = max(1, -(-steps // rounds))
+  times = [
+    (_timed(run, per_round, 0, min_seconds=1.0), _timed(peer, per_round, 0, min_seconds=1.0))
+    for _ in range(rounds)
+  ]
+  if trace_dir:
+    _trace(run, steps, trace_dir)
+  jax_s, torch_s = (float(np.median(t)) for t in zip(*times))
+  ratios = [t_torch / t_jax for t_jax, t_torch in times]
   return {
-    "images_per_sec": config.batch_size / seconds,
-    "step_s": seconds,
-    "first_step_s": first_step_s,
-    **setup,
+    "images_per_sec": config.batch_size / jax_s,
+    "step_s": jax_s,
+    **info,
+    "torch": {"images_per_sec": config.batch_size / torch_s, "step_s": torch_s, **setup},
+    "rounds": times,
+    "jax_over_torch": float(np.median(ratios)),
+    "jax_over_torch_range": (min(ratios), max(ratios)),
   }
 
 
@@ -287,7 +328,12 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
 _MATMUL_SIZE = flags.DEFINE_integer(
   "matmul_size", None, "Side of the peak matmul; default 2048 on CPU, 8192 elsewhere."
 )
-_PEER = flags.DEFINE_bool("peer", False, "Also time the PyTorch + timm SplitMask step.")
+_PEER = flags.DEFINE_bool(
+  "peer", False, "Also time the PyTorch + timm SplitMask step, alternately with JAX's."
+)
+_PEER_ROUNDS = flags.DEFINE_integer(
+  "peer_rounds", 5, "Alternate rounds of JAX and PyTorch timing with --peer."
+)
 _PIPELINE_WORKERS = flags.DEFINE_list(
   "pipeline_workers", [], "Time the input pipeline with these numbers of workers."
 )
@@ -339,28 +385,32 @@ def main(argv):
         "scan": _SCAN.value,
         "attention": _ATTENTION.value,
         "remat": _REMAT.value,
-        **jax_step(
-          config,
-          steps=_STEPS.value,
-          warmup=_WARMUP.value,
-          trace_dir=_TRACE_DIR.value
-          and os.path.join(_TRACE_DIR.value, spec.replace("/", "_"), objective),
-        ),
       }
-      row["tflops"] = row["flops_per_step"] / row["step_s"] / 1e12
-      row["mfu"] = row["tflops"] * 1e12 / (peak * jax.local_device_count())
+      timing = dict(
+        steps=_STEPS.value,
+        warmup=_WARMUP.value,
+        trace_dir=_TRACE_DIR.value
+        and os.path.join(_TRACE_DIR.value, spec.replace("/", "_"), objective),
+      )
       peer = "- | -"
+      measured = None
       if _PEER.value and objective == "splitmask":
         try:
-          row["torch"] = torch_step(config, steps=_STEPS.value, warmup=_WARMUP.value)
+          measured = jax_against_peer(config, rounds=_PEER_ROUNDS.value, **timing)
         except Exception as e:  # pylint: disable=broad-except
           # The peer is a comparison: its failure (no torch, out of memory) is
           # reported beside the JAX figures, which stand on their own.
           row["torch_error"] = f"{type(e).__name__}: {e}"[:500]
           peer = "failed | -"
         else:
-          row["jax_over_torch"] = row["images_per_sec"] / row["torch"]["images_per_sec"]
-          peer = f"{row['torch']['images_per_sec']:.1f} | {row['jax_over_torch']:.2f}"
+          low, high = measured["jax_over_torch_range"]
+          peer = (
+            f"{measured['torch']['images_per_sec']:.1f} | "
+            f"{measured['jax_over_torch']:.2f} ({low:.2f}-{high:.2f})"
+          )
+      row.update(measured or jax_step(config, **timing))
+      row["tflops"] = row["flops_per_step"] / row["step_s"] / 1e12
+      row["mfu"] = row["tflops"] * 1e12 / (peak * jax.local_device_count())
       rows.append(row)
       print(
         f"| {spec} | {objective} | {row['num_params'] / 1e6:.2f}M | {batch_size} | "

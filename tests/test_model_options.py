@@ -63,6 +63,43 @@ def test_scanned_blocks_compute_the_loop_s_function():
   assert _max_diff(jax.tree.leaves(grads_s), expected) < 1e-4
 
 
+def test_unrolled_scan_keeps_the_layout_and_the_function_without_a_loop():
+  loop, variables, _, scanned = _encoders(drop_path_rate=0.1)
+  unrolled = vit.Encoder(**CFG, scan=True, unroll_scan=True, drop_path_rate=0.1)
+  # The scanned parameter tree: checkpoints do not depend on the platform.
+  own = unrolled.init(jax.random.key(1), _images(), train=False)
+  assert jax.tree.structure(own) == jax.tree.structure(scanned)
+
+  def loss(encoder, params):
+    return jnp.sum(encoder.apply(params, _images(3), train=False)[0] ** 2)
+
+  value, grads = jax.value_and_grad(lambda p: loss(unrolled, p))(scanned)
+  value_loop, grads_loop = jax.value_and_grad(lambda p: loss(loop, p))(variables)
+  np.testing.assert_allclose(value, value_loop, rtol=1e-5)
+  expected = jax.tree.leaves(vit.scan_blocks(grads_loop["params"]))
+  assert _max_diff(jax.tree.leaves(grads["params"]), expected) < 1e-4
+  # The scan's loop is gone from the program (a plain scan keeps one).
+  images = np.asarray(_images(3))
+  rolled = vit.Encoder(**CFG, scan=True, drop_path_rate=0.1)
+
+  def program(encoder):
+    grad = jax.grad(lambda p: jnp.sum(encoder.apply(p, images, train=False)[0] ** 2))
+    return jax.jit(grad).lower(scanned).as_text()
+
+  assert "while" in program(rolled)
+  assert "while" not in program(unrolled)
+
+
+def test_block_options_unroll_scanned_blocks_on_cpus_only():
+  model = helpers.load_config("test").model
+  model.scan = True
+  assert vit.block_options(model, "cpu")["unroll_scan"]
+  assert not vit.block_options(model, "gpu")["unroll_scan"]
+  assert not vit.block_options(model, "tpu")["unroll_scan"]
+  model.scan = False
+  assert not vit.block_options(model, "cpu")["unroll_scan"]
+
+
 def test_scanned_drop_path_gives_each_block_its_own_rate():
   """Block i drops with rate 0.5 * i / 2: the first block never drops, so a model
   whose other blocks are zeroed differs from dropping nothing only by chance."""

@@ -37,7 +37,7 @@ class Classifier(nn.Module):
     head_init_scale: the head's kernel is truncated normal (std 0.02) times this
       (BEiT's 0.001), so fine-tuning starts from near-uniform predictions.
     remat: what every block keeps for the backward pass (vit.remat_policy).
-    scan: scan the encoder's blocks (see vit.Encoder).
+    scan, unroll_scan: scan the encoder's blocks (see vit.Encoder).
     attention: the attention kernel (see vit.Attention).
     use_fc_norm: pool the last block's raw tokens and normalise the pooled vector with
       a LayerNorm of its own (`fc_norm`, BEiT's fine-tuning), instead of pooling
@@ -57,6 +57,7 @@ class Classifier(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: str | bool = "none"
   scan: bool = False
+  unroll_scan: bool = False
   attention: str | None = None
   use_fc_norm: bool = True
 
@@ -73,6 +74,7 @@ class Classifier(nn.Module):
       param_dtype=self.param_dtype,
       remat=self.remat,
       scan=self.scan,
+      unroll_scan=self.unroll_scan,
       attention=self.attention,
     )
     scale = self.head_init_scale

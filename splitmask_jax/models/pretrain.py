@@ -28,8 +28,8 @@ _trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 
 def _encoder(model: nn.Module, **options) -> Encoder:
   """The encoder of a pre-training model, from the fields every one of them has
-  (width, depth, num_heads, mlp_dim, patch_size, grid, drop_path_rate, scan, dtype,
-  param_dtype, remat, attention); `options`: the Encoder options of its own
+  (width, depth, num_heads, mlp_dim, patch_size, grid, drop_path_rate, scan,
+  unroll_scan, dtype, param_dtype, remat, attention); `options`: the Encoder options of its own
   (use_mask_token, any_grid)."""
   return Encoder(
     width=model.width,
@@ -40,6 +40,7 @@ def _encoder(model: nn.Module, **options) -> Encoder:
     grid=model.grid,
     drop_path_rate=model.drop_path_rate,
     scan=model.scan,
+    unroll_scan=model.unroll_scan,
     dtype=model.dtype,
     param_dtype=model.param_dtype,
     remat=model.remat,
@@ -72,7 +73,7 @@ class SplitMaskModel(nn.Module):
       encoder's (the paper matches the encoder width).
     drop_path_rate, decoder_drop_path_rate: stochastic depth of each stack.
     remat: what every block of both stacks keeps for the backward pass.
-    scan: scan the encoder's blocks (see Encoder).
+    scan, unroll_scan: scan the encoder's blocks (see Encoder).
     attention: the attention kernel of both stacks (see Attention).
     projector: what maps the pooled decoder output to the matched embedding, one of
       PROJECTORS: 'none' (the paper: the pooled features themselves) or 'mlp'.
@@ -99,6 +100,7 @@ class SplitMaskModel(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: str | bool = "none"
   scan: bool = False
+  unroll_scan: bool = False
   attention: str | None = None
   projector: str = "none"
   projector_hidden_dim: int = 2048
@@ -208,7 +210,7 @@ class BEiTModel(nn.Module):
     vocab_size: number of visual words.
     drop_path_rate: stochastic depth of the last block.
     remat: what every block keeps for the backward pass.
-    scan: scan the encoder's blocks (see Encoder).
+    scan, unroll_scan: scan the encoder's blocks (see Encoder).
     attention: the attention kernel (see Attention).
   """
 
@@ -224,6 +226,7 @@ class BEiTModel(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: str | bool = "none"
   scan: bool = False
+  unroll_scan: bool = False
   attention: str | None = None
 
   def setup(self):
@@ -270,7 +273,7 @@ class MAEModel(nn.Module):
     decoder_mlp_dim: None: 4 * decoder_width (MAE's MLP ratio).
     drop_path_rate: stochastic depth of the encoder's last block (the decoder has none).
     remat: what every block of both stacks keeps for the backward pass.
-    scan: scan the encoder's blocks (see Encoder).
+    scan, unroll_scan: scan the encoder's blocks (see Encoder).
     attention: the attention kernel of both stacks (see Attention).
   """
 
@@ -290,6 +293,7 @@ class MAEModel(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: str | bool = "none"
   scan: bool = False
+  unroll_scan: bool = False
   attention: str | None = None
 
   def setup(self):
@@ -343,7 +347,7 @@ class SimMIMModel(nn.Module):
     num_channels: C, so that a patch prediction is patch_size**2 * C values.
     drop_path_rate: stochastic depth of the last block.
     remat: what every block keeps for the backward pass.
-    scan: scan the encoder's blocks (see Encoder).
+    scan, unroll_scan: scan the encoder's blocks (see Encoder).
     attention: the attention kernel (see Attention).
   """
 
@@ -359,6 +363,7 @@ class SimMIMModel(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: str | bool = "none"
   scan: bool = False
+  unroll_scan: bool = False
   attention: str | None = None
 
   def setup(self):
@@ -472,7 +477,7 @@ class DINOModel(nn.Module):
     width, depth, num_heads, mlp_dim, patch_size, grid: the encoder (see Encoder);
       `grid` is the global crops' (config.model.image_size).
     out_dim, hidden_dim, bottleneck_dim, norm_last_layer: the head (DINOHead).
-    drop_path_rate, remat, scan, attention: as the other models' encoders.
+    drop_path_rate, remat, scan, unroll_scan, attention: as the other models' encoders.
   """
 
   width: int
@@ -490,6 +495,7 @@ class DINOModel(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: str | bool = "none"
   scan: bool = False
+  unroll_scan: bool = False
   attention: str | None = None
 
   def setup(self):

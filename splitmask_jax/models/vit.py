@@ -317,12 +317,25 @@ class _ScannedBlock(nn.Module):
 
 
 def _run_blocks(
-  x, *, depth, num_heads, mlp_dim, drop_path_rate, remat, train, kw, scan=False, collect=True
+  x,
+  *,
+  depth,
+  num_heads,
+  mlp_dim,
+  drop_path_rate,
+  remat,
+  train,
+  kw,
+  scan=False,
+  unroll_scan=False,
+  collect=True,
 ):
   """The block stack: (x, tuple of each block's output, or () when not `collect`ed).
 
   Unrolled, block i's parameters are `block_<i>`; scanned (`nn.scan`, one
   compiled body), they are `blocks/block` with a leading axis of `depth`.
+  `unroll_scan`: the scanned stack's loop unrolled into `depth` copies of its
+  body (the scanned parameters, the unrolled program).
   """
   rematerialise, policy = remat_policy(remat)
   rates = drop_path_rates(drop_path_rate, depth)
@@ -336,6 +349,7 @@ def _run_blocks(
       split_rngs={"params": True, "dropout": True},
       in_axes=0,
       length=depth,
+      unroll=depth if unroll_scan else 1,
     )
     x, ys = stack(num_heads, mlp_dim, train, collect, name="blocks", **kw)(
       x, jnp.asarray(rates, jnp.float32)
@@ -417,14 +431,22 @@ ATTENTION_CHOICES = ("auto", "xla", "cudnn")
 
 
 def block_options(model, platform: str) -> dict:
-  """The block keyword arguments (remat, scan, the resolved attention kernel) of a
-  config's model group (`config.model`) for devices of `platform` ('cpu', 'gpu',
-  'tpu')."""
+  """The block keyword arguments (remat, scan, unroll_scan, the resolved attention
+  kernel) of a config's model group (`config.model`) for devices of `platform`
+  ('cpu', 'gpu', 'tpu').
+
+  On CPUs a scanned stack is unrolled (`Encoder.unroll_scan`): XLA:CPU's loop
+  slices each block's parameters out of the stack and writes its gradients and
+  activations back, and made the SplitMask steps of the small models a CPU
+  trains 1.07-1.26x slower (benchmarks/RESULTS.md). The parameters keep the
+  scanned layout, so checkpoints move between CPUs and accelerators.
+  """
   arch, _ = parse_variant(model.variant)
   head_dim = arch["width"] // arch["num_heads"]
   return dict(
     remat=model.remat,
     scan=model.scan,
+    unroll_scan=bool(model.scan) and platform == "cpu",
     attention=resolve_attention(model.attention, platform, model.dtype, head_dim),
   )
 
@@ -467,6 +489,8 @@ class Encoder(nn.Module):
     remat: what each block keeps for the backward pass (`remat_policy`).
     scan: run the blocks as one `nn.scan` (one compiled body, parameters stacked
       under `blocks/block`) instead of unrolled (`block_<i>`); the same function.
+    unroll_scan: with `scan`, compile the scan's loop unrolled: the scanned
+      parameters with the program of unrolled blocks (faster on CPUs).
     attention: `Attention.implementation`.
     any_grid: also take images of another patch grid (any multiple of the patch
       size), their position embeddings the `grid` ones resampled in the graph
@@ -486,6 +510,7 @@ class Encoder(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: str | bool = "none"
   scan: bool = False
+  unroll_scan: bool = False
   attention: str | None = None
   any_grid: bool = False
 
@@ -568,6 +593,7 @@ class Encoder(nn.Module):
       train=train,
       kw=dict(kw, attention=self.attention),
       scan=self.scan,
+      unroll_scan=self.unroll_scan,
       collect=with_block_outputs,
     )
     last = x
