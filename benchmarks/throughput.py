@@ -172,12 +172,13 @@ def jax_runner(config) -> tuple[Callable[[], None], dict]:
   return run, {"flops_per_step": flops, "compile_s": compile_s, "num_params": num_params}
 
 
-def jax_step(config, *, steps: int, warmup: int, trace_dir: str | None = None) -> dict:
-  """Times the jitted train step; returns images/s and FLOPs per step (all devices).
+def jax_step(
+  config, run, info: dict, *, steps: int, warmup: int, trace_dir: str | None = None
+) -> dict:
+  """Times `jax_runner`'s step `run`; returns images/s and step_s beside its `info`.
 
   With `trace_dir`, `steps` more steps are traced there afterwards (XLA profiler).
   """
-  run, info = jax_runner(config)
   seconds = _timed(run, steps, warmup)
   if trace_dir:
     _trace(run, steps, trace_dir)
@@ -202,9 +203,16 @@ def torch_runner(config) -> tuple[Callable[[], None], dict]:
 
 
 def jax_against_peer(
-  config, *, steps: int, warmup: int, rounds: int, trace_dir: str | None = None
+  config,
+  run,
+  info: dict,
+  *,
+  steps: int,
+  warmup: int,
+  rounds: int,
+  trace_dir: str | None = None,
 ) -> dict:
-  """Times the JAX step and its PyTorch peer alternately, `rounds` times each.
+  """Times `jax_runner`'s step `run` and its PyTorch peer alternately, `rounds` times each.
 
   A shared machine's speed drifts by more than the gap being measured within
   minutes, so the two steps are never timed far apart: each round times JAX,
@@ -215,7 +223,6 @@ def jax_against_peer(
   'torch' ({'images_per_sec', 'step_s', 'first_step_s', ...}), 'jax_over_torch'
   (the median ratio) and 'jax_over_torch_range' (its lowest and highest round).
   """
-  run, info = jax_runner(config)
   peer, setup = torch_runner(config)
   for _ in range(warmup):
     run()
@@ -392,11 +399,12 @@ def main(argv):
         trace_dir=_TRACE_DIR.value
         and os.path.join(_TRACE_DIR.value, spec.replace("/", "_"), objective),
       )
+      run, info = jax_runner(config)
       peer = "- | -"
       measured = None
       if _PEER.value and objective == "splitmask":
         try:
-          measured = jax_against_peer(config, rounds=_PEER_ROUNDS.value, **timing)
+          measured = jax_against_peer(config, run, info, rounds=_PEER_ROUNDS.value, **timing)
         except Exception as e:  # pylint: disable=broad-except
           # The peer is a comparison: its failure (no torch, out of memory) is
           # reported beside the JAX figures, which stand on their own.
@@ -408,7 +416,7 @@ def main(argv):
             f"{measured['torch']['images_per_sec']:.1f} | "
             f"{measured['jax_over_torch']:.2f} ({low:.2f}-{high:.2f})"
           )
-      row.update(measured or jax_step(config, **timing))
+      row.update(measured or jax_step(config, run, info, **timing))
       row["tflops"] = row["flops_per_step"] / row["step_s"] / 1e12
       row["mfu"] = row["tflops"] * 1e12 / (peak * jax.local_device_count())
       rows.append(row)

@@ -29,8 +29,8 @@ _trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 def _encoder(model: nn.Module, **options) -> Encoder:
   """The encoder of a pre-training model, from the fields every one of them has
   (width, depth, num_heads, mlp_dim, patch_size, grid, drop_path_rate, scan,
-  unroll_scan, dtype, param_dtype, remat, attention); `options`: the Encoder options of its own
-  (use_mask_token, any_grid)."""
+  unroll_scan, dtype, param_dtype, remat, attention); `options`: the Encoder
+  options of its own (use_mask_token, any_grid)."""
   return Encoder(
     width=model.width,
     depth=model.depth,
