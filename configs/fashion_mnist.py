@@ -29,7 +29,8 @@ def get_config(arg: str | None = None):
   c.model.image_size = 32
   c.model.num_channels = 1
   c.model.drop_path = 0.0
-  c.model.dtype = "float32"  # CPUs gain nothing from bfloat16
+  # bfloat16 steps no faster, even on CPUs with AVX-512 BF16 (benchmarks/RESULTS.md).
+  c.model.dtype = "float32"
   c.model.scan = False  # six small blocks compile quickly unrolled
 
   # At 32 px the images are already small: the tokenizer reads them at full
