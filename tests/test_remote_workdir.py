@@ -149,6 +149,25 @@ def test_probe_reports_and_atomic_writes_go_to_the_bucket(gcs):
   assert epath.Path(f"{folder}/x.txt").read_text() == "two"
 
 
+def test_a_bucket_lock_refuses_a_second_run_and_a_racing_create(gcs, monkeypatch):
+  workdir = f"{gcs}/locked"
+  with workdir_lib.RunLock(workdir) as held:
+    holder = json.loads(held.path.read_text())
+    assert holder["pid"] == os.getpid()
+    with pytest.raises(workdir_lib.WorkdirInUse, match="in use by the run started"):
+      workdir_lib.RunLock(workdir).__enter__()
+    # A run that looked before the lock was written, and saw none, goes on to the
+    # create: the store itself must refuse it and keep the holder's lock as it was.
+    racer = workdir_lib.RunLock(workdir)
+    with monkeypatch.context() as m:
+      m.setattr(type(racer.path), "exists", lambda self: False)
+      assert not racer._create('{"pid": -1}')
+    assert json.loads(held.path.read_text()) == holder
+  assert not held.path.exists()
+  with workdir_lib.RunLock(workdir):  # released: the next run takes it
+    pass
+
+
 def test_a_remote_workdir_without_its_filesystem_package_says_what_to_install(monkeypatch):
   monkeypatch.setattr(workdir_lib.importlib.util, "find_spec", lambda name: None)
   with pytest.raises(ValueError, match=r"gs://b/run: gs:// paths need gcsfs \(pip install -e "):

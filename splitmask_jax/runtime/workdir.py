@@ -200,9 +200,10 @@ class RunLock:
   process that died on this host is taken over with a warning; one from another
   host is not (its process cannot be checked from here), and the error says how
   to remove it. With several processes, process 0 holds the lock and every
-  process gets its verdict. On an object store the check and the write are two
-  steps (no exclusive create), so two runs started in the same second may both
-  pass.
+  process gets its verdict. On an object store the lock is created only if absent
+  (a conditional write), as locally; taking over a dead run's lock is a copy and a
+  delete there, so two runs on one host taking over the same dead lock at once may
+  still both pass.
   """
 
   def __init__(self, workdir):
@@ -276,9 +277,16 @@ class RunLock:
   def _create(self, text: str) -> bool:
     """Writes the lock file unless it exists; whether it did."""
     if is_remote(self.path):
-      if self.path.exists():
+      # The store creates the object only if it is absent (gcsfs sends GCS's
+      # ifGenerationMatch=0), so two runs starting at once cannot both win; a
+      # filesystem without conditional writes falls back to fsspec's check-then-write.
+      import fsspec  # pylint: disable=import-outside-toplevel  # remote paths' extra has it
+
+      fs, target = fsspec.core.url_to_fs(os.fspath(self.path))
+      try:
+        fs.pipe_file(target, text.encode(), mode="create")
+      except FileExistsError:
         return False
-      self.path.write_text(text)
       return True
     try:
       fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
